@@ -1,0 +1,339 @@
+"""``fit``: coordinate descent on the free energy, compiled whole."""
+
+import enum
+import math
+import warnings
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+from ._custom_types import Array, Data, Key
+from ._latent import Discrete
+from ._model import Model, float_dtype, is_finite_tree
+from ._objective import Prior, _free_energy
+from ._q import AbstractQ, ExactPosterior, num_data
+from ._steps import AbstractEStep, AbstractMStep, ExactEStep, ExactMStep, GradientEStep, _OptaxStep
+from ._validate import check_log_joint, check_model, prepare_data
+
+
+class Status(enum.IntEnum):
+    """Why a fit stopped. ``Status.X.message`` says it in words."""
+
+    RUNNING = 0
+    CONVERGED = 1
+    MAX_ITERS = 2
+    NONFINITE = 3
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.RUNNING: "the fit has not finished",
+    Status.CONVERGED: "converged: the free energy per datum changed by less than tol",
+    Status.MAX_ITERS: "stopped at max_iters before the free energy settled to within tol",
+    Status.NONFINITE: (
+        "stopped: a step made the free energy or the parameters non-finite; "
+        "the model and q are those of the last finite iteration"
+    ),
+}
+
+
+class FitResult(eqx.Module):
+    """What ``fit`` returns.
+
+    - ``model``, ``q``: the fitted model and recognition distribution (the last finite ones).
+    - ``history``: the ELBO per datum, $-F$, after each iteration (MAP: includes $\\log p(\\theta)/N$);
+      ``history[-1]`` is the final value, shape ``(num_iters,)``.
+    - ``initial_elbo``: $-F$ before the first iteration.
+    - ``status``: a ``Status``; ``converged`` and ``message`` say the same.
+    - ``num_increases``: how many iterations of an exact E-step and exact M-step raised $F$
+      beyond rounding (should be 0; anything else is reported with a warning).
+    """
+
+    model: Model
+    q: AbstractQ
+    history: Array
+    initial_elbo: Array
+    num_iters: int = eqx.field(static=True)
+    status: Status = eqx.field(static=True)
+    num_increases: int = eqx.field(static=True)
+
+    @property
+    def converged(self) -> bool:
+        return self.status == Status.CONVERGED
+
+    @property
+    def message(self) -> str:
+        return self.status.message
+
+    @property
+    def elbo(self) -> Array:
+        """The final ELBO per datum (MAP: plus $\\log p(\\theta)/N$)."""
+        return self.history[-1] if self.num_iters else self.initial_elbo
+
+
+class _Config(eqx.Module):
+    e_step: AbstractEStep
+    m_step: AbstractMStep
+    prior: Any
+    max_iters: int = eqx.field(static=True)
+    use_table: bool = eqx.field(static=True)
+
+
+class _State(eqx.Module):
+    model: Model
+    q: AbstractQ
+    e_state: Any
+    m_state: Any
+    key: Key
+    objective: Array
+    initial_objective: Array
+    iteration: Array
+    history: Array
+    status: Array
+    num_increases: Array
+
+
+def _table(model: Model, x: Data, use_table: bool) -> Array | None:
+    return model.log_joint_table(x) if use_table else None
+
+
+@eqx.filter_jit
+def _initialize(model: Model, q: AbstractQ, x: Data, config: _Config, key: Key) -> _State:
+    key, init_key, f_key = jr.split(key, 3)
+    q = q.initialize(model, x, key=init_key)
+    table = _table(model, x, config.use_table)
+    if config.e_step.exact:
+        q = q.exact_update(model, x, table=table)
+    objective = _free_energy(model, q, x, key=f_key, prior=config.prior, table=table)
+    return _State(
+        model=model,
+        q=q,
+        e_state=config.e_step.init(q),
+        m_state=config.m_step.init(model),
+        key=key,
+        objective=objective,
+        initial_objective=objective,
+        iteration=jnp.array(0, jnp.int32),
+        history=jnp.full((config.max_iters,), jnp.nan, objective.dtype),
+        status=jnp.array(Status.RUNNING, jnp.int32),
+        num_increases=jnp.array(0, jnp.int32),
+    )
+
+
+def _iterate(state: _State, x: Data, config: _Config, tol: Array) -> _State:
+    """One coordinate-descent iteration: M-step on θ, then E-step on q, then F(q, θ)."""
+    key, m_key, e_key, f_key = jr.split(state.key, 4)
+    model, m_state = config.m_step.step(state.model, state.q, state.m_state, x, key=m_key, prior=config.prior)
+    table = _table(model, x, config.use_table)
+    q, e_state = config.e_step.step(model, state.q, state.e_state, x, key=e_key, table=table)
+    objective = _free_energy(model, q, x, key=f_key, prior=config.prior, table=table)
+
+    finite = jnp.isfinite(objective) & is_finite_tree(model) & is_finite_tree(q)
+    increase = objective - state.objective
+    rounding = 64 * jnp.finfo(objective.dtype).eps * (1 + jnp.abs(state.objective))
+    increased = (config.e_step.exact and config.m_step.exact) & (increase > rounding)
+    iteration = state.iteration + 1
+    status = jnp.where(
+        jnp.abs(increase) < tol,
+        Status.CONVERGED,
+        jnp.where(iteration >= config.max_iters, Status.MAX_ITERS, Status.RUNNING),
+    )
+    new = _State(
+        model=model,
+        q=q,
+        e_state=e_state,
+        m_state=m_state,
+        key=key,
+        objective=objective,
+        initial_objective=state.initial_objective,
+        iteration=iteration,
+        history=state.history.at[state.iteration].set(-objective),
+        status=status.astype(jnp.int32),
+        num_increases=state.num_increases + increased.astype(jnp.int32),
+    )
+    # A non-finite step is not taken: the state stays at the last finite iteration.
+    kept = eqx.tree_at(lambda s: s.status, state, jnp.array(Status.NONFINITE, jnp.int32))
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, kept)
+
+
+@eqx.filter_jit
+def _run(state: _State, x: Data, config: _Config, tol: Array, stop_at: Array) -> _State:
+    def cond(s):
+        return (s.status == Status.RUNNING) & (s.iteration < stop_at)
+
+    return jax.lax.while_loop(cond, lambda s: _iterate(s, x, config, tol), state)
+
+
+def _resolve_e_step(e_step: Any, q: AbstractQ) -> AbstractEStep:
+    if isinstance(e_step, str):
+        if e_step != "exact":
+            raise ValueError(f"e_step must be 'exact' or an ej.GradientEStep(...), got {e_step!r}")
+        return ExactEStep()
+    if isinstance(e_step, AbstractEStep):
+        if isinstance(e_step, GradientEStep) and isinstance(q, ExactPosterior):
+            raise TypeError(
+                "q=ej.ExactPosterior() is always fitted exactly; for gradient E-steps choose a family "
+                "with parameters, e.g. q=ej.Categorical() or q=ej.Gaussian()"
+            )
+        return e_step
+    raise TypeError(f"e_step must be 'exact' or an ej.GradientEStep(...), got {e_step!r}")
+
+
+def _resolve_m_step(m_step: Any) -> AbstractMStep:
+    if isinstance(m_step, str):
+        if m_step != "exact":
+            raise ValueError(f"m_step must be 'exact' or an ej.GradientMStep(...), got {m_step!r}")
+        return ExactMStep()
+    if isinstance(m_step, AbstractMStep):
+        return m_step
+    raise TypeError(f"m_step must be 'exact' or an ej.GradientMStep(...), got {m_step!r}")
+
+
+def fit(
+    model: Model,
+    x: Data,
+    *,
+    q: AbstractQ | None = None,
+    e_step: str | AbstractEStep = "exact",
+    m_step: str | AbstractMStep = "exact",
+    prior: Prior = None,
+    max_iters: int = 500,
+    tol: float = 1e-6,
+    key: Key | None = None,
+    progress: bool = False,
+    throw: bool = False,
+) -> FitResult:
+    r"""Fit ``model`` to data ``x`` by coordinate descent on the free energy $F(q, \theta)$.
+
+    Each iteration is an M-step on $\theta$ (q fixed) followed by an E-step on q
+    ($\theta$ fixed); before the first, q is initialised (and, for an exact E-step, set
+    to its optimum). The whole loop runs compiled, in a bounded ``lax.while_loop``.
+
+    - exact EM: the defaults (``q=ExactPosterior()``, ``e_step="exact"``, ``m_step="exact"``);
+      the M-step is the model's closed form if it has one, else solved numerically;
+    - generalized EM: ``m_step=ej.GradientMStep(optax.adam(1e-2), num_steps=10)``;
+    - MAP-EM: ``prior=lambda model: log p(θ)``;
+    - hard EM: ``q=ej.PointMass()``; partial/variational E-steps:
+      ``q=ej.Categorical()`` or ``ej.Gaussian()`` with ``e_step=ej.GradientEStep(...)``.
+
+    **Arguments:**
+
+    - `model`: the initial ``ej.Model``.
+    - `x`: data, leading axis of length $N$. Floating data are cast to the model's dtype.
+    - `q`: recognition family (default ``ej.ExactPosterior()``).
+    - `e_step`, `m_step`: ``"exact"`` or a gradient step.
+    - `prior`: ``prior(model) -> log p(θ)``, a scalar; ``None`` for maximum likelihood.
+    - `max_iters`: at most this many iterations.
+    - `tol`: stop when $|F_t - F_{t-1}| <$ ``tol`` (per datum). ``tol=0`` runs ``max_iters``.
+    - `key`: JAX random key for stochastic steps (Monte Carlo expectations); default ``key(0)``.
+    - `progress`: show a tqdm bar (the loop runs in ~100 compiled chunks; no sync per iteration).
+    - `throw`: raise ``RuntimeError`` instead of warning when the fit goes non-finite.
+
+    **Returns:** a ``FitResult`` (``.model``, ``.q``, ``.history``, ``.status``, ``.converged``,
+    ``.num_iters``).
+
+    ```python
+    res = ej.fit(ej.models.GaussianMixture.initialize(key, x, 3), x)
+    res.model.means, res.history[-1]
+    ```
+    """
+    model = check_model(model)
+    if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
+        raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    if prior is not None and not callable(prior):
+        raise TypeError(f"prior must be a callable prior(model) -> log p(theta), or None; got {prior!r}")
+    q = ExactPosterior() if q is None else q
+    if not isinstance(q, AbstractQ):
+        raise TypeError(f"q must be an elbo_jax recognition family such as ej.ExactPosterior(), got {q!r}")
+    x = prepare_data(model, x)
+    check_log_joint(model, x)
+    q.check(model.latent, num_data(x))
+    e_step = _resolve_e_step(e_step, q)
+    m_step = _resolve_m_step(m_step)
+    if key is None:
+        key = jr.key(0)
+
+    q_init = q.initialize(model, x, key=key)
+    if isinstance(e_step, _OptaxStep):
+        params, _ = eqx.partition(q_init, eqx.is_inexact_array)
+        if not jax.tree_util.tree_leaves(params):
+            raise TypeError(
+                f"e_step=GradientEStep needs a q with continuous parameters, but {type(q).__name__} "
+                f"over {model.latent!r} has none; use ej.Categorical() or ej.Gaussian()"
+            )
+        e_step = e_step.hashable(params)
+    if isinstance(m_step, _OptaxStep):
+        params, _ = eqx.partition(model, eqx.is_inexact_array)
+        m_step = m_step.hashable(params)
+
+    config = _Config(
+        e_step=e_step,
+        m_step=m_step,
+        prior=prior,
+        max_iters=max_iters,
+        use_table=isinstance(model.latent, Discrete),
+    )
+    dtype = float_dtype(model)
+    state = _initialize(model, q_init, x, config, key)
+    if not bool(jnp.isfinite(state.objective)):
+        raise ValueError(
+            f"the initial model and q give a non-finite free energy ({float(state.objective)}); "
+            "check the initial parameters and that log_joint is finite on the data"
+        )
+    tol_arr = jnp.asarray(tol, dtype)
+
+    if progress:
+        state = _run_with_progress(state, x, config, tol_arr, max_iters)
+    else:
+        state = _run(state, x, config, tol_arr, jnp.asarray(max_iters, jnp.int32))
+
+    num_iters = int(state.iteration)
+    status = Status(int(state.status))
+    num_increases = int(state.num_increases)
+    if status == Status.NONFINITE:
+        msg = f"fit stopped after {num_iters} iterations: {status.message}"
+        if throw:
+            raise RuntimeError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    if num_increases:
+        warnings.warn(
+            f"exact EM raised the free energy beyond rounding in {num_increases} of {num_iters} "
+            "iterations; a model hook (log_joint_table, posterior, maximize) may disagree with "
+            "log_joint, or the problem is numerically ill-conditioned",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return FitResult(
+        model=state.model,
+        q=state.q,
+        history=state.history[:num_iters],
+        initial_elbo=-state.initial_objective,
+        num_iters=num_iters,
+        status=status,
+        num_increases=num_increases,
+    )
+
+
+def _run_with_progress(state: _State, x: Data, config: _Config, tol: Array, max_iters: int) -> _State:
+    from tqdm.auto import tqdm
+
+    chunk = max(1, math.ceil(max_iters / 100))
+    with tqdm(total=max_iters, desc="elbo_jax.fit", unit="it") as bar:
+        done = 0
+        while done < max_iters:
+            state = _run(state, x, config, tol, jnp.asarray(min(done + chunk, max_iters), jnp.int32))
+            now = int(state.iteration)
+            bar.update(now - done)
+            bar.set_postfix(elbo=f"{-float(state.objective):.6g}")
+            if int(state.status) != Status.RUNNING or now == done:
+                break
+            done = now
+    return state

@@ -1,0 +1,51 @@
+"""Latent spaces: what kind of value z is. They carry no parameters."""
+
+import math
+
+import equinox as eqx
+
+
+class AbstractLatent(eqx.Module):
+    """The space a model's latent variable z lives in (for one datum)."""
+
+
+class Discrete(AbstractLatent):
+    """z is an integer in ``[0, num_states)``.
+
+    Expectations over z are exact sums over the ``num_states`` values, so every
+    model with a ``Discrete`` latent gets an exact E-step by enumeration.
+
+    **Example**
+
+    ```python
+    class Coins(ej.Model):
+        latent = ej.Discrete(2)
+    ```
+    """
+
+    num_states: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        if not isinstance(self.num_states, int) or isinstance(self.num_states, bool):
+            raise TypeError(f"Discrete(num_states) needs an int, got {self.num_states!r}")
+        if self.num_states < 1:
+            raise ValueError(f"Discrete(num_states) needs num_states >= 1, got {self.num_states}")
+
+
+class Real(AbstractLatent):
+    """z is a real array of the given shape (``Real(3)`` is a vector of length 3).
+
+    Expectations over z use a Gaussian recognition family (``ej.Gaussian``), or the
+    model's own ``posterior`` hook for an exact E-step.
+    """
+
+    shape: tuple[int, ...] = eqx.field(static=True, converter=lambda s: (s,) if isinstance(s, int) else tuple(s))
+
+    def __check_init__(self):
+        if any((not isinstance(s, int)) or s < 1 for s in self.shape):
+            raise ValueError(f"Real(shape) needs positive integer sizes, got {self.shape!r}")
+
+    @property
+    def size(self) -> int:
+        """Number of scalar entries in z."""
+        return math.prod(self.shape)

@@ -1,0 +1,135 @@
+"""The abstract ``Model``: a log-joint for one datum, plus optional fast-path hooks."""
+
+import abc
+from typing import TYPE_CHECKING, Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ._custom_types import Array, Data, LogTable, PerDatum, Scalar, Stats
+from ._latent import AbstractLatent, Discrete
+
+if TYPE_CHECKING:
+    from ._q import AbstractQ
+
+
+class Model(eqx.Module):
+    r"""A latent-variable model, written as $\log p(x, z \mid \theta)$ for one datum.
+
+    Subclass it, put the parameters $\theta$ in fields (any parameterisation you like;
+    gradient steps act on every floating-point array field), declare the latent space
+    as a class attribute and write ``log_joint`` for **one** datum ``x`` and **one**
+    latent value ``z``. elbo_jax does the ``vmap`` over data and over latent values.
+
+    ```python
+    class ThreeCoins(ej.Model):
+        logits: jax.Array            # (3,): coin choice weight logit, then two head logits
+        latent = ej.Discrete(2)
+
+        def log_joint(self, x, z):   # x: number of heads in 10 tosses; z: which coin
+            log_w = jax.nn.log_sigmoid(jnp.where(z == 0, self.logits[0], -self.logits[0]))
+            l = self.logits[1 + z]
+            return log_w + x * jax.nn.log_sigmoid(l) + (10 - x) * jax.nn.log_sigmoid(-l)
+    ```
+
+    **Optional hooks.** A model may override these to be faster or to unlock exact
+    steps; every hook must agree with ``log_joint`` (the test suite holds built-ins
+    to that):
+
+    - ``log_joint_table(x)``: the $(N, K)$ table $\log p(x_n, z{=}k)$ for ``Discrete`` latents;
+    - ``posterior(x)``: the exact $p(z \mid x_n)$ as a recognition distribution
+      (required for an exact E-step with a ``Real`` latent);
+    - ``log_marginal(x)``: $\log p(x_n \mid \theta)$ per datum (``Real`` latents);
+    - ``has_closed_form(prior)``, ``sufficient_statistics(x, q)``, ``maximize(stats, prior)``:
+      a closed-form M-step from additive expected sufficient statistics;
+    - ``check_data(x)``: raise a clear ``ValueError`` for data of the wrong shape.
+    """
+
+    latent: eqx.AbstractVar[AbstractLatent]
+
+    @abc.abstractmethod
+    def log_joint(self, x: Any, z: Any) -> Scalar:
+        r"""$\log p(x, z \mid \theta)$ for one datum ``x`` and one latent value ``z``."""
+
+    # ----------------------------------------------------------------- hooks
+    def log_joint_table(self, x: Data) -> LogTable:
+        r"""The table $T_{nk} = \log p(x_n, z{=}k \mid \theta)$, shape ``(N, K)``.
+
+        Only for ``Discrete`` latents. The default ``vmap``s ``log_joint`` over data and
+        over the ``K`` states; override it with a vectorised version for speed.
+        """
+        latent = self.latent
+        if not isinstance(latent, Discrete):
+            raise TypeError(
+                f"log_joint_table needs a Discrete latent space, but {type(self).__name__}"
+                f".latent is {latent!r}"
+            )
+        states = jnp.arange(latent.num_states)
+        per_datum = lambda xn: jax.vmap(lambda z: self.log_joint(xn, z))(states)
+        return jax.vmap(per_datum)(x)
+
+    def posterior(self, x: Data) -> "AbstractQ":
+        r"""The exact posterior $p(z \mid x_n, \theta)$ for every datum, as a ``q``.
+
+        ``Discrete`` latents: by enumeration (a ``Categorical``). ``Real`` latents: the
+        model must override this (for example returning an ``ej.Gaussian``).
+        """
+        from ._q import Categorical
+
+        latent = self.latent
+        if isinstance(latent, Discrete):
+            table = self.log_joint_table(x)
+            return Categorical(table - jax.nn.logsumexp(table, axis=-1, keepdims=True))
+        raise NotImplementedError(
+            f"{type(self).__name__} has a {type(latent).__name__} latent and no `posterior` hook, "
+            "so it has no exact E-step. Use q=ej.Gaussian() with e_step=ej.GradientEStep(...), "
+            "or give the model a `posterior(x)` method."
+        )
+
+    def log_marginal(self, x: Data) -> PerDatum:
+        r"""$\log p(x_n \mid \theta)$ for every datum, shape ``(N,)``."""
+        latent = self.latent
+        if isinstance(latent, Discrete):
+            return jax.nn.logsumexp(self.log_joint_table(x), axis=-1)
+        raise NotImplementedError(
+            f"{type(self).__name__} has a {type(latent).__name__} latent and no `log_marginal` "
+            "hook, so log p(x | θ) is not available; free_energy gives an upper bound on -log p(x)."
+        )
+
+    def has_closed_form(self, prior: Any) -> bool:
+        """Whether ``maximize`` gives the exact M-step for this prior (``None``: maximum likelihood)."""
+        del prior
+        return False
+
+    def sufficient_statistics(self, x: Data, q: "AbstractQ") -> Stats:
+        r"""Expected sufficient statistics $\sum_n E_{q_n}[s(x_n, z)]$, an additive pytree.
+
+        Sums over data, so statistics of shards or minibatches add up.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no sufficient_statistics hook")
+
+    def maximize(self, stats: Stats, prior: Any = None) -> "Model":
+        """The closed-form M-step: the parameters that maximise the expected log-joint
+        (plus ``log prior``) given the statistics from ``sufficient_statistics``."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form M-step")
+
+    def check_data(self, x: Data) -> None:
+        """Raise a ``ValueError`` naming ``x`` if the data do not fit this model."""
+        del x
+
+
+def float_dtype(model: Model) -> Any:
+    """The floating dtype of a model's parameters (the default float dtype if it has none)."""
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(model) if eqx.is_inexact_array(leaf)]
+    if not leaves:
+        return jnp.zeros(()).dtype
+    return jnp.result_type(*leaves)
+
+
+def is_finite_tree(tree: Any) -> Array:
+    """A scalar bool: every inexact array leaf of ``tree`` is finite."""
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree) if eqx.is_inexact_array(leaf)]
+    if not leaves:
+        return jnp.array(True)
+    return jnp.stack(leaves).all()

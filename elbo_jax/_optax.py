@@ -1,0 +1,70 @@
+"""Optax optimizers inside compiled steps, without a recompile for every fresh optimizer.
+
+``optax.adam(1e-3)`` returns new closures each time it is called, and jit would treat each
+as a new static argument. ``HashableOptimizer`` compares optimizers by what they compute:
+the text of the jaxprs of ``init`` and ``update`` for the parameters at hand (hyperparameters
+given as Python numbers appear there as literals) plus the values of any captured arrays.
+Two optimizers that compute the same thing share one compiled fit.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def _zero_value_fn(params: Any) -> jax.Array:
+    del params
+    return jnp.zeros(())
+
+
+def _canonical(closed_jaxpr: Any) -> tuple:
+    consts = tuple(
+        (np.shape(c), str(np.asarray(c).dtype), np.asarray(c).tobytes()) for c in closed_jaxpr.consts
+    )
+    return (str(closed_jaxpr.jaxpr), consts)
+
+
+def takes_extra_args(optimizer: Any) -> bool:
+    return isinstance(optimizer, optax.GradientTransformationExtraArgs)
+
+
+def update(optimizer: Any, grads: Any, state: Any, params: Any, value: Any, value_fn: Any) -> tuple:
+    """``optimizer.update``, passing ``value``/``grad``/``value_fn`` to those that take them (L-BFGS)."""
+    if takes_extra_args(optimizer):
+        return optimizer.update(grads, state, params, value=value, grad=grads, value_fn=value_fn)
+    return optimizer.update(grads, state, params)
+
+
+class HashableOptimizer:
+    """An optax ``GradientTransformation`` that is equal to another computing the same thing."""
+
+    def __init__(self, optimizer: Any, params: Any):
+        if isinstance(optimizer, HashableOptimizer):
+            optimizer = optimizer.optimizer
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(
+                "optimizer must be an optax.GradientTransformation such as optax.adam(1e-2), "
+                f"got {optimizer!r}"
+            )
+        self.optimizer = optimizer
+        params = jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+        state = jax.eval_shape(optimizer.init, params)
+        init_jaxpr = jax.make_jaxpr(optimizer.init)(params)
+        value = jax.ShapeDtypeStruct((), jnp.zeros(()).dtype)
+        update_jaxpr = jax.make_jaxpr(
+            lambda g, s, p, v: update(optimizer, g, s, p, v, _zero_value_fn)
+        )(params, state, params, value)
+        self._signature = (_canonical(init_jaxpr), _canonical(update_jaxpr))
+        self._hash = hash(self._signature)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HashableOptimizer) and self._signature == other._signature
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"HashableOptimizer({self.optimizer!r})"

@@ -1,0 +1,395 @@
+r"""Recognition families: the distributions $q(z) = \prod_n q_n(z_n)$ that the E-step fits.
+
+A family object either holds its per-datum parameters (a *realised* q) or not yet
+(a *spec*, such as ``ej.Categorical()``); ``initialize`` turns a spec into a realised q
+for the data. Every realised q gives, per datum, $E_{q_n}[\log p(x_n, z)]$ and the
+entropy $H[q_n]$ — all that ``free_energy`` needs.
+"""
+
+import abc
+import math
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+from ._custom_types import Array, Data, Key, LogTable, PerDatum
+from ._latent import AbstractLatent, Discrete, Real
+from ._model import Model
+
+
+def num_data(x: Data) -> int:
+    """The number of data: the length of the leading axis."""
+    return jax.tree_util.tree_leaves(x)[0].shape[0]
+
+
+def _name(obj: Any) -> str:
+    return type(obj).__name__
+
+
+class AbstractQ(eqx.Module):
+    r"""A recognition distribution over the latent variables of a batch of data."""
+
+    def resolve(self, model: Model, x: Data) -> "AbstractQ":
+        """The realised q this object stands for (``ExactPosterior`` computes it)."""
+        del model, x
+        return self
+
+    @abc.abstractmethod
+    def initialize(self, model: Model, x: Data, *, key: Key | None = None) -> "AbstractQ":
+        """A realised q for data ``x`` (returns ``self`` if already realised and valid)."""
+
+    @abc.abstractmethod
+    def exact_update(self, model: Model, x: Data, *, table: LogTable | None = None) -> "AbstractQ":
+        r"""The exact E-step within this family: $\arg\min_{q} F(q, \theta)$."""
+
+    @abc.abstractmethod
+    def expected_log_joint(
+        self, model: Model, x: Data, *, key: Key | None = None, table: LogTable | None = None
+    ) -> PerDatum:
+        r"""$E_{q_n}[\log p(x_n, z \mid \theta)]$ for every datum, shape ``(N,)``.
+
+        ``table``, if given, is ``model.log_joint_table(x)`` already computed.
+        """
+
+    @abc.abstractmethod
+    def entropy(self) -> PerDatum:
+        r"""$H[q_n] = -E_{q_n}[\log q_n(z)]$ for every datum, shape ``(N,)``."""
+
+    @abc.abstractmethod
+    def check(self, latent: AbstractLatent, n: int) -> None:
+        """Raise ``TypeError``/``ValueError`` if this q does not fit the latent space or ``n`` data."""
+
+    @property
+    def needs_key(self) -> bool:
+        """Whether expectations under this q are Monte Carlo (and so need a key)."""
+        return False
+
+
+class ExactPosterior(AbstractQ):
+    r"""$q_n = p(z \mid x_n, \theta)$, recomputed from the model at every use.
+
+    By enumeration for ``Discrete`` latents; from the model's ``posterior`` hook otherwise.
+    With it, $F(q, \theta) = -\frac1N\sum_n \log p(x_n \mid \theta)$.
+    """
+
+    def resolve(self, model: Model, x: Data) -> AbstractQ:
+        return model.posterior(x)
+
+    def initialize(self, model, x, *, key=None):
+        return model.posterior(x)
+
+    def exact_update(self, model, x, *, table=None):
+        return model.posterior(x)
+
+    def expected_log_joint(self, model, x, *, key=None, table=None):
+        return self.resolve(model, x).expected_log_joint(model, x, key=key, table=table)
+
+    def entropy(self):
+        raise TypeError("ExactPosterior has no entropy of its own: call q.resolve(model, x) first")
+
+    def check(self, latent, n):
+        del latent, n
+
+
+# --------------------------------------------------------------------------- discrete
+def _table_or_compute(model: Model, x: Data, table: LogTable | None) -> LogTable:
+    return model.log_joint_table(x) if table is None else table
+
+
+def _weighted_table_sum(probs: Array, table: LogTable) -> PerDatum:
+    # sum_k p_k T_k, with 0 * (-inf) := 0 and a gradient that stays finite there.
+    nonzero = probs > 0
+    safe_table = jnp.where(nonzero, table, 0.0)
+    return jnp.sum(jnp.where(nonzero, probs * safe_table, 0.0), axis=-1)
+
+
+def _check_discrete(q: AbstractQ, latent: AbstractLatent) -> Discrete:
+    if not isinstance(latent, Discrete):
+        raise TypeError(
+            f"q={_name(q)} is a distribution over a Discrete latent, but the model's latent "
+            f"space is {latent!r}; use ej.Gaussian() or ej.PointMass() for Real latents"
+        )
+    return latent
+
+
+class Categorical(AbstractQ):
+    r"""Free-form categorical $q_n(z{=}k) = \mathrm{softmax}(\ell_n)_k$ for ``Discrete`` latents.
+
+    Its exact E-step is the exact posterior. With ``ej.GradientEStep`` it gives partial
+    E-steps (Neal & Hinton, 1998): a few optimizer steps on the logits ``(N, K)``.
+    ``ej.Categorical()`` starts from the uniform distribution.
+    """
+
+    logits: Array | None = None
+
+    @property
+    def log_probs(self) -> Array:
+        return jax.nn.log_softmax(self.logits, axis=-1)
+
+    @property
+    def probs(self) -> Array:
+        """Responsibilities $q_n(z{=}k)$, shape ``(N, K)``."""
+        return jax.nn.softmax(self.logits, axis=-1)
+
+    def initialize(self, model, x, *, key=None):
+        latent = _check_discrete(self, model.latent)
+        if self.logits is not None:
+            self.check(latent, num_data(x))
+            return self
+        from ._model import float_dtype
+
+        return Categorical(jnp.zeros((num_data(x), latent.num_states), float_dtype(model)))
+
+    def exact_update(self, model, x, *, table=None):
+        table = _table_or_compute(model, x, table)
+        return Categorical(table - jax.nn.logsumexp(table, axis=-1, keepdims=True))
+
+    def expected_log_joint(self, model, x, *, key=None, table=None):
+        return _weighted_table_sum(self.probs, _table_or_compute(model, x, table))
+
+    def entropy(self):
+        log_p = self.log_probs
+        return -_weighted_table_sum(jnp.exp(log_p), log_p)
+
+    def check(self, latent, n):
+        latent = _check_discrete(self, latent)
+        if self.logits is None:
+            return
+        expected = (n, latent.num_states)
+        if self.logits.shape != expected:
+            raise ValueError(
+                f"Categorical logits have shape {self.logits.shape}, expected (N, K) = {expected}"
+            )
+
+
+class PointMass(AbstractQ):
+    r"""A point mass $q_n = \delta(z - \hat z_n)$: hard EM.
+
+    Its exact E-step is the posterior mode: $\hat z_n = \arg\max_z \log p(x_n, z)$ for
+    ``Discrete`` latents, and the mode of the model's ``posterior`` for ``Real`` ones
+    (or fit it with ``ej.GradientEStep``). The entropy term is taken as zero, so
+    $F = -\frac1N\sum_n \log p(x_n, \hat z_n)$: the hard-EM ("classification") objective.
+    """
+
+    value: Array | None = None
+    num_states: int | None = eqx.field(static=True, default=None)
+
+    @property
+    def probs(self) -> Array:
+        """One-hot responsibilities ``(N, K)`` (``Discrete`` latents only)."""
+        if self.num_states is None:
+            raise TypeError("PointMass.probs is only defined for Discrete latents")
+        return jax.nn.one_hot(self.value, self.num_states)
+
+    @property
+    def mean(self) -> Array:
+        """The point itself, flattened to ``(N, d)`` (``Real`` latents)."""
+        return self.value.reshape(self.value.shape[0], -1)
+
+    @property
+    def covariance(self) -> Array:
+        n, d = self.mean.shape
+        return jnp.zeros((n, d, d), self.value.dtype)
+
+    def initialize(self, model, x, *, key=None):
+        latent = model.latent
+        n = num_data(x)
+        if self.value is not None:
+            self.check(latent, n)
+            return self
+        if isinstance(latent, Discrete):
+            return self.exact_update(model, x)
+        if isinstance(latent, Real):
+            from ._model import float_dtype
+
+            return PointMass(jnp.zeros((n, *latent.shape), float_dtype(model)))
+        raise TypeError(f"PointMass does not support latent space {latent!r}")
+
+    def exact_update(self, model, x, *, table=None):
+        latent = model.latent
+        if isinstance(latent, Discrete):
+            table = _table_or_compute(model, x, table)
+            return PointMass(jnp.argmax(table, axis=-1), latent.num_states)
+        posterior = model.posterior(x)
+        mode = posterior.mean.reshape(num_data(x), *latent.shape)
+        return PointMass(mode)
+
+    def expected_log_joint(self, model, x, *, key=None, table=None):
+        if self.num_states is not None and table is not None:
+            return jnp.take_along_axis(table, self.value[:, None], axis=-1)[:, 0]
+        return jax.vmap(model.log_joint)(x, self.value)
+
+    def entropy(self):
+        return jnp.zeros(self.value.shape[:1], jnp.result_type(float))
+
+    def check(self, latent, n):
+        if self.value is None:
+            return
+        if isinstance(latent, Discrete):
+            if self.value.shape != (n,) or not jnp.issubdtype(self.value.dtype, jnp.integer):
+                raise ValueError(
+                    f"PointMass value has shape {self.value.shape} and dtype {self.value.dtype}, "
+                    f"expected integers of shape (N,) = ({n},) for a Discrete latent"
+                )
+        elif isinstance(latent, Real):
+            if self.value.shape != (n, *latent.shape):
+                raise ValueError(
+                    f"PointMass value has shape {self.value.shape}, expected (N, *latent.shape) "
+                    f"= {(n, *latent.shape)}"
+                )
+        else:
+            raise TypeError(f"PointMass does not support latent space {latent!r}")
+
+
+# --------------------------------------------------------------------------- gaussian
+def _check_real(q: AbstractQ, latent: AbstractLatent) -> Real:
+    if not isinstance(latent, Real):
+        raise TypeError(
+            f"q={_name(q)} is a distribution over a Real latent, but the model's latent space "
+            f"is {latent!r}; use ej.Categorical() or ej.PointMass() for Discrete latents"
+        )
+    return latent
+
+
+class Gaussian(AbstractQ):
+    r"""A Gaussian $q_n = \mathcal N(\mu_n, L_n L_n^\top)$ per datum, for ``Real`` latents.
+
+    ``covariance_type="full"`` (a lower-triangular $L_n$) or ``"diag"`` (mean-field).
+    The parameters are unconstrained (``raw_scale`` holds $\log$ of the diagonal of
+    $L_n$), so ``ej.GradientEStep`` can fit them directly. The entropy is exact.
+
+    Expectations $E_{q_n}[f(z)]$ use ``expectation="cubature"`` by default: the
+    $2d$-point spherical cubature rule $z = \mu_n \pm \sqrt d\, L_n e_i$, deterministic and
+    exact when $\log p(x, z)$ is a polynomial of degree $\le 3$ in $z$ — so for every
+    linear-Gaussian model (PPCA, factor analysis, Kalman) $F$ is exact. For other models
+    it is an approximation; ``expectation="monte_carlo"`` uses ``num_samples``
+    reparameterised samples instead (unbiased, needs a ``key``).
+    """
+
+    mean: Array | None = None
+    raw_scale: Array | None = None
+    covariance_type: Literal["full", "diag"] = eqx.field(static=True, default="full")
+    expectation: Literal["cubature", "monte_carlo"] = eqx.field(static=True, default="cubature")
+    num_samples: int = eqx.field(static=True, default=1)
+
+    def __check_init__(self):
+        if self.covariance_type not in ("full", "diag"):
+            raise ValueError(f"covariance_type must be 'full' or 'diag', got {self.covariance_type!r}")
+        if self.expectation not in ("cubature", "monte_carlo"):
+            raise ValueError(f"expectation must be 'cubature' or 'monte_carlo', got {self.expectation!r}")
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
+
+    @classmethod
+    def from_moments(cls, mean: Array, covariance: Array, **kwargs) -> "Gaussian":
+        """A full-covariance Gaussian from means ``(N, d)`` and covariances ``(N, d, d)``."""
+        chol = jnp.linalg.cholesky(covariance)
+        diag = jnp.diagonal(chol, axis1=-2, axis2=-1)
+        raw = jnp.tril(chol, -1) + _diag_embed(jnp.log(diag))
+        return cls(mean, raw, covariance_type="full", **kwargs)
+
+    @property
+    def scale_tril(self) -> Array:
+        """$L_n$, shape ``(N, d, d)``."""
+        if self.covariance_type == "diag":
+            return _diag_embed(jnp.exp(self.raw_scale))
+        diag = jnp.exp(jnp.diagonal(self.raw_scale, axis1=-2, axis2=-1))
+        return jnp.tril(self.raw_scale, -1) + _diag_embed(diag)
+
+    @property
+    def covariance(self) -> Array:
+        """$\\Sigma_n = L_n L_n^\\top$, shape ``(N, d, d)``."""
+        scale = self.scale_tril
+        return scale @ jnp.swapaxes(scale, -1, -2)
+
+    @property
+    def needs_key(self) -> bool:
+        return self.expectation == "monte_carlo"
+
+    def initialize(self, model, x, *, key=None):
+        latent = _check_real(self, model.latent)
+        n = num_data(x)
+        if self.mean is not None:
+            self.check(latent, n)
+            return self
+        from ._model import float_dtype
+
+        dtype = float_dtype(model)
+        d = latent.size
+        raw_shape = (n, d) if self.covariance_type == "diag" else (n, d, d)
+        return eqx.tree_at(
+            lambda q: (q.mean, q.raw_scale),
+            self,
+            (jnp.zeros((n, d), dtype), jnp.zeros(raw_shape, dtype)),
+            is_leaf=lambda v: v is None,
+        )
+
+    def exact_update(self, model, x, *, table=None):
+        posterior = model.posterior(x)
+        if not isinstance(posterior, Gaussian):
+            raise TypeError(
+                f"{_name(model)}.posterior returned {_name(posterior)}, not a Gaussian, so "
+                "q=ej.Gaussian() has no exact E-step; use e_step=ej.GradientEStep(...)"
+            )
+        if self.covariance_type == "diag":
+            raise TypeError(
+                "q=ej.Gaussian(covariance_type='diag') has no exact E-step (the posterior is not "
+                "mean-field in general); use e_step=ej.GradientEStep(...) or the full covariance"
+            )
+        return Gaussian(
+            posterior.mean,
+            posterior.raw_scale if posterior.covariance_type == "full" else _diag_embed(posterior.raw_scale),
+            covariance_type="full",
+            expectation=self.expectation,
+            num_samples=self.num_samples,
+        )
+
+    def _points(self, key: Key | None) -> Array:
+        """Evaluation points ``(N, S, d)`` and their equal weights (implicit: the mean over S)."""
+        n, d = self.mean.shape
+        scale = self.scale_tril
+        if self.expectation == "cubature":
+            unit = math.sqrt(d) * jnp.concatenate([jnp.eye(d), -jnp.eye(d)], axis=0).astype(self.mean.dtype)
+            return self.mean[:, None, :] + jnp.einsum("nij,sj->nsi", scale, unit)
+        if key is None:
+            raise ValueError(
+                "q=ej.Gaussian(expectation='monte_carlo') needs a random key: pass key=jax.random.key(...)"
+            )
+        eps = jr.normal(key, (n, self.num_samples, d), self.mean.dtype)
+        return self.mean[:, None, :] + jnp.einsum("nij,nsj->nsi", scale, eps)
+
+    def expected_log_joint(self, model, x, *, key=None, table=None):
+        shape = model.latent.shape
+        points = self._points(key)
+
+        def per_datum(xn, zs):
+            return jnp.mean(jax.vmap(lambda z: model.log_joint(xn, z.reshape(shape)))(zs))
+
+        return jax.vmap(per_datum)(x, points)
+
+    def entropy(self):
+        d = self.mean.shape[-1]
+        if self.covariance_type == "diag":
+            log_diag = self.raw_scale
+        else:
+            log_diag = jnp.diagonal(self.raw_scale, axis1=-2, axis2=-1)
+        return 0.5 * d * (1.0 + math.log(2 * math.pi)) + jnp.sum(log_diag, axis=-1)
+
+    def check(self, latent, n):
+        latent = _check_real(self, latent)
+        if self.mean is None:
+            return
+        d = latent.size
+        if self.mean.shape != (n, d):
+            raise ValueError(f"Gaussian mean has shape {self.mean.shape}, expected (N, d) = {(n, d)}")
+        raw_shape = (n, d) if self.covariance_type == "diag" else (n, d, d)
+        if self.raw_scale is None or self.raw_scale.shape != raw_shape:
+            got = None if self.raw_scale is None else self.raw_scale.shape
+            raise ValueError(f"Gaussian raw_scale has shape {got}, expected {raw_shape}")
+
+
+def _diag_embed(v: Array) -> Array:
+    return v[..., :, None] * jnp.eye(v.shape[-1], dtype=v.dtype)

@@ -1,0 +1,247 @@
+r"""E-steps and M-steps: each lowers ``free_energy`` over q (E) or over $\theta$ (M)."""
+
+import abc
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+
+from . import _optax
+from ._custom_types import Data, Key, LogTable
+from ._model import Model
+from ._objective import Prior, _free_energy
+from ._q import AbstractQ
+
+
+def _split_params(tree: Any) -> tuple[Any, Any]:
+    return eqx.partition(tree, eqx.is_inexact_array)
+
+
+def _maybe_fold(key: Key | None, i: Any) -> Key | None:
+    return None if key is None else jr.fold_in(key, i)
+
+
+def _optax_steps(optimizer: Any, num_steps: int, loss: Any, params: Any, opt_state: Any, key: Key | None):
+    """``num_steps`` optax updates of ``params`` on ``loss(params, key)``, in a ``fori_loop``."""
+
+    def body(i, carry):
+        params, opt_state = carry
+        step_key = _maybe_fold(key, i)
+        value_fn = lambda p: loss(p, step_key)
+        value, grads = jax.value_and_grad(value_fn)(params)
+        updates, opt_state = _optax.update(optimizer, grads, opt_state, params, value, value_fn)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.lax.fori_loop(0, num_steps, body, (params, opt_state))
+
+
+class _OptaxStep(eqx.Module):
+    optimizer: Any
+    num_steps: int = eqx.field(static=True, default=1)
+
+    def __check_init__(self):
+        if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
+        opt = self.optimizer
+        if isinstance(opt, _optax.HashableOptimizer):
+            opt = opt.optimizer
+        if not isinstance(opt, optax.GradientTransformation):
+            raise TypeError(
+                "optimizer must be an optax.GradientTransformation such as optax.adam(1e-2), "
+                f"got {self.optimizer!r}"
+            )
+
+    @property
+    def transform(self) -> Any:
+        opt = self.optimizer
+        return opt.optimizer if isinstance(opt, _optax.HashableOptimizer) else opt
+
+    def hashable(self, params: Any) -> "_OptaxStep":
+        """This step with its optimizer compared by computation (see ``_optax``)."""
+        return type(self)(_optax.HashableOptimizer(self.optimizer, params), self.num_steps)
+
+
+# ---------------------------------------------------------------------------- E-steps
+class AbstractEStep(eqx.Module):
+    """Lowers F over q with the model fixed."""
+
+    exact: eqx.AbstractClassVar[bool]
+
+    @abc.abstractmethod
+    def init(self, q: AbstractQ) -> Any:
+        """The step's own state (optimizer state), from the initial q."""
+
+    @abc.abstractmethod
+    def step(
+        self, model: Model, q: AbstractQ, state: Any, x: Data, *, key: Key | None, table: LogTable | None
+    ) -> tuple[AbstractQ, Any]:
+        """One E-step: a new q and step state."""
+
+
+class ExactEStep(AbstractEStep):
+    r"""The exact E-step within q's family, $q \leftarrow \arg\min_q F(q, \theta)$.
+
+    For ``ExactPosterior`` and ``Categorical``: the posterior; for ``PointMass``: its mode.
+    Selected by ``e_step="exact"``.
+    """
+
+    exact = True
+
+    def init(self, q):
+        return None
+
+    def step(self, model, q, state, x, *, key, table):
+        return q.exact_update(model, x, table=table), state
+
+
+class GradientEStep(_OptaxStep, AbstractEStep):
+    r"""A partial E-step: ``num_steps`` steps of an optax ``optimizer`` on $\nabla_q F(q, \theta)$.
+
+    Works with every q that has continuous parameters: ``ej.Categorical()`` (logits),
+    ``ej.Gaussian()`` (mean and scale), ``ej.PointMass()`` over a ``Real`` latent. The
+    optimizer state carries over from one EM iteration to the next.
+
+    ```python
+    ej.fit(model, x, q=ej.Gaussian(), e_step=ej.GradientEStep(optax.adam(1e-2), num_steps=20))
+    ```
+    """
+
+    exact = False
+
+    def init(self, q):
+        params, _ = _split_params(q)
+        return self.transform.init(params)
+
+    def step(self, model, q, state, x, *, key, table):
+        params, static = _split_params(q)
+        table = None if table is None else jax.lax.stop_gradient(table)
+        model = jax.lax.stop_gradient(model)
+
+        def loss(p, k):
+            return _free_energy(model, eqx.combine(p, static), x, key=k, table=table)
+
+        params, state = _optax_steps(self.transform, self.num_steps, loss, params, state, key)
+        return eqx.combine(params, static), state
+
+
+# ---------------------------------------------------------------------------- M-steps
+class AbstractMStep(eqx.Module):
+    r"""Lowers F over $\theta$ with q fixed."""
+
+    exact: eqx.AbstractClassVar[bool]
+
+    @abc.abstractmethod
+    def init(self, model: Model) -> Any:
+        """The step's own state (optimizer state), from the initial model."""
+
+    @abc.abstractmethod
+    def step(
+        self, model: Model, q: AbstractQ, state: Any, x: Data, *, key: Key | None, prior: Prior
+    ) -> tuple[Model, Any]:
+        """One M-step: a new model and step state."""
+
+
+def _m_loss(static: Any, q: AbstractQ, x: Data, prior: Prior) -> Any:
+    def loss(params, key):
+        return _free_energy(eqx.combine(params, static), q, x, key=key, prior=prior)
+
+    return loss
+
+
+class ExactMStep(AbstractMStep):
+    r"""The exact M-step, $\theta \leftarrow \arg\min_\theta F(q, \theta)$.
+
+    The model's closed form when ``model.has_closed_form(prior)``; otherwise the problem is
+    solved numerically inside the compiled step by L-BFGS (optax, zoom line search),
+    started from the current $\theta$ and run until the objective stops decreasing
+    (relative change below ``tol``, default a few machine epsilons) or ``max_steps``.
+    Selected by ``m_step="exact"``.
+    """
+
+    max_steps: int = eqx.field(static=True, default=500)
+    tol: float | None = eqx.field(static=True, default=None)
+    exact = True
+
+    def __check_init__(self):
+        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(f"max_steps must be a positive int, got {self.max_steps!r}")
+
+    def init(self, model):
+        return None
+
+    def step(self, model, q, state, x, *, key, prior):
+        if model.has_closed_form(prior):
+            return model.maximize(model.sufficient_statistics(x, q), prior), state
+        params, static = _split_params(model)
+        q = jax.lax.stop_gradient(q)
+        loss = _m_loss(static, q, x, prior)
+        params = minimize_lbfgs(lambda p: loss(p, key), params, max_steps=self.max_steps, tol=self.tol)
+        return eqx.combine(params, static), state
+
+
+def minimize_lbfgs(fn: Any, params: Any, *, max_steps: int, tol: float | None = None) -> Any:
+    """Minimise ``fn(params)`` by optax L-BFGS in a bounded ``while_loop``.
+
+    Stops when a step lowers ``fn`` by less than ``tol * (1 + |fn|)`` (after the first few
+    steps), when the gradient vanishes, or after ``max_steps``. A step that would make
+    ``fn`` non-finite or larger is not taken, so the result never has a larger value.
+    """
+    leaves = jax.tree_util.tree_leaves(params)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.zeros(()).dtype
+    if tol is None:
+        tol = 4 * float(jnp.finfo(dtype).eps)
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(fn)
+    init_value = fn(params)
+
+    def cond(carry):
+        _, _, i, _, done = carry
+        return (i < max_steps) & ~done
+
+    def body(carry):
+        params, opt_state, i, value, _ = carry
+        value_now, grads = value_and_grad(params, state=opt_state)
+        updates, new_state = opt.update(grads, opt_state, params, value=value_now, grad=grads, value_fn=fn)
+        new_params = optax.apply_updates(params, updates)
+        new_value = optax.tree_utils.tree_get(new_state, "value")
+        good = jnp.isfinite(new_value) & (new_value <= value)
+        grad_norm = optax.tree_utils.tree_l2_norm(grads)
+        small = (value - new_value) <= tol * (1 + jnp.abs(new_value))
+        done = ~good | (grad_norm == 0) | ((i >= 3) & small)
+        params, opt_state, value = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(good, new, old), (new_params, new_state, new_value), (params, opt_state, value)
+        )
+        return params, opt_state, i + 1, value, done
+
+    carry = (params, opt.init(params), jnp.array(0), init_value, jnp.array(False))
+    params, *_ = jax.lax.while_loop(cond, body, carry)
+    return params
+
+
+class GradientMStep(_OptaxStep, AbstractMStep):
+    r"""Generalized EM: ``num_steps`` steps of an optax ``optimizer`` on $\nabla_\theta F(q, \theta)$.
+
+    Any optax optimizer works (``optax.sgd``, ``optax.adam``, ``optax.lbfgs()`` …); its
+    state carries over from one EM iteration to the next. A freshly built optimizer that
+    computes the same thing does not trigger a recompile.
+
+    ```python
+    ej.fit(model, x, m_step=ej.GradientMStep(optax.adam(1e-2), num_steps=10))
+    ```
+    """
+
+    exact = False
+
+    def init(self, model):
+        params, _ = _split_params(model)
+        return self.transform.init(params)
+
+    def step(self, model, q, state, x, *, key, prior):
+        params, static = _split_params(model)
+        q = jax.lax.stop_gradient(q)
+        loss = _m_loss(static, q, x, prior)
+        params, state = _optax_steps(self.transform, self.num_steps, loss, params, state, key)
+        return eqx.combine(params, static), state

@@ -1,0 +1,77 @@
+"""Trace-time checks of user input, with messages that name the argument and the problem."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._latent import Discrete, Real
+from ._model import Model, float_dtype
+
+
+def check_model(model: Any) -> Model:
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be an instance of an ej.Model subclass, got {type(model).__name__}")
+    return model
+
+
+def prepare_data(model: Model, x: Any) -> Any:
+    """Convert ``x`` to JAX arrays, cast floating data to the model's dtype, and check it.
+
+    Raises ``TypeError`` for non-numeric data and ``ValueError`` for data without a
+    leading data axis, with no data, with NaN/Inf entries, or that the model rejects.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    if not leaves:
+        raise ValueError("x is empty: expected an array whose leading axis indexes the data")
+    dtype = float_dtype(model)
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, jax.core.Tracer):
+            out.append(leaf)
+            continue
+        arr = np.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf
+        kind = np.dtype(arr.dtype).kind
+        if kind not in "biuf":
+            raise TypeError(f"x must hold numbers, got an array of dtype {arr.dtype}")
+        if arr.ndim == 0:
+            raise ValueError("x is a scalar: expected an array whose leading axis indexes the data")
+        if arr.shape[0] == 0:
+            raise ValueError(f"x has shape {arr.shape}: there are no data (N = 0)")
+        if kind == "f":
+            finite = np.isfinite(np.asarray(arr))
+            if not finite.all():
+                bad = np.argwhere(~finite)
+                raise ValueError(
+                    f"x contains NaN or Inf: {len(bad)} entries, the first at index {tuple(int(i) for i in bad[0])}"
+                )
+            arr = jnp.asarray(arr, dtype)
+        else:
+            arr = jnp.asarray(arr)
+        out.append(arr)
+    n = {leaf.shape[0] for leaf in out}
+    if len(n) > 1:
+        raise ValueError(f"x has leaves with different numbers of data along the leading axis: {sorted(n)}")
+    x = jax.tree_util.tree_unflatten(treedef, out)
+    model.check_data(x)
+    return x
+
+
+def check_log_joint(model: Model, x: Any) -> None:
+    """``log_joint`` must give a scalar for one datum and one latent value."""
+    latent = model.latent
+    if isinstance(latent, Discrete):
+        z = jax.ShapeDtypeStruct((), jnp.int32)
+    elif isinstance(latent, Real):
+        z = jax.ShapeDtypeStruct(latent.shape, float_dtype(model))
+    else:
+        raise TypeError(f"{type(model).__name__}.latent must be ej.Discrete(...) or ej.Real(...), got {latent!r}")
+    x0 = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), x)
+    out = jax.eval_shape(model.log_joint, x0, z)
+    shape = getattr(out, "shape", None)
+    if shape != ():
+        raise TypeError(
+            f"{type(model).__name__}.log_joint must return a scalar log p(x, z) for one datum and "
+            f"one latent value, got shape {shape}; elbo_jax does the vmap over data itself"
+        )

@@ -1,0 +1,1 @@
+"""Built-in models. Each is an ``ej.Model`` with fast-path hooks, fitted by the same ``ej.fit``."""
