@@ -154,8 +154,8 @@ def _m_loss(static: Any, q: AbstractQ, x: Data, prior: Prior) -> Any:
 class ExactMStep(AbstractMStep):
     r"""The exact M-step, $\theta \leftarrow \arg\min_\theta F(q, \theta)$.
 
-    The model's closed form when ``model.has_closed_form(prior)``; otherwise the problem is
-    solved numerically inside the compiled step by L-BFGS (optax, zoom line search),
+    The model's closed form when ``model.has_closed_form(prior)`` (and ``use_closed_form``);
+    otherwise the problem is solved numerically inside the compiled step by L-BFGS (optax, zoom line search),
     started from the current $\theta$ and run until the objective stops decreasing
     (relative change below ``tol``, default a few machine epsilons) or ``max_steps``.
     Selected by ``m_step="exact"``.
@@ -163,6 +163,7 @@ class ExactMStep(AbstractMStep):
 
     max_steps: int = eqx.field(static=True, default=500)
     tol: float | None = eqx.field(static=True, default=None)
+    use_closed_form: bool = eqx.field(static=True, default=True)
     exact = True
 
     def __check_init__(self):
@@ -173,7 +174,7 @@ class ExactMStep(AbstractMStep):
         return None
 
     def step(self, model, q, state, x, *, key, prior):
-        if model.has_closed_form(prior):
+        if self.use_closed_form and model.has_closed_form(prior):
             return model.maximize(model.sufficient_statistics(x, q), prior), state
         params, static = _split_params(model)
         q = jax.lax.stop_gradient(q)
