@@ -7,12 +7,37 @@ given as Python numbers appear there as literals) plus the values of any capture
 Two optimizers that compute the same thing share one compiled fit.
 """
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+
+def library_promotion() -> Any:
+    """A context in which optax's own code is traced under standard dtype promotion.
+
+    optax is not written for ``jax_numpy_dtype_promotion="strict"`` (with x64 on, L-BFGS
+    adds its int32 memory index to an int64 ``arange``), so a user who turns strict
+    promotion on would find every numerical M-step broken. The user's own functions
+    are still traced under the user's setting: wrap them in ``user_promotion``.
+    """
+    return jax.numpy_dtype_promotion("standard")
+
+
+def user_promotion(fn: Callable) -> Callable:
+    """``fn`` traced under the dtype-promotion setting in force now (the caller's)."""
+    mode = jax.config.jax_numpy_dtype_promotion
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.numpy_dtype_promotion(mode):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _zero_value_fn(params: Any) -> jax.Array:
@@ -51,12 +76,13 @@ class HashableOptimizer:
             )
         self.optimizer = optimizer
         params = jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-        state = jax.eval_shape(optimizer.init, params)
-        init_jaxpr = jax.make_jaxpr(optimizer.init)(params)
-        value = jax.ShapeDtypeStruct((), jnp.zeros(()).dtype)
-        update_jaxpr = jax.make_jaxpr(
-            lambda g, s, p, v: update(optimizer, g, s, p, v, _zero_value_fn)
-        )(params, state, params, value)
+        with library_promotion():
+            state = jax.eval_shape(optimizer.init, params)
+            init_jaxpr = jax.make_jaxpr(optimizer.init)(params)
+            value = jax.ShapeDtypeStruct((), jnp.zeros(()).dtype)
+            update_jaxpr = jax.make_jaxpr(
+                lambda g, s, p, v: update(optimizer, g, s, p, v, _zero_value_fn)
+            )(params, state, params, value)
         self._signature = (_canonical(init_jaxpr), _canonical(update_jaxpr))
         self._hash = hash(self._signature)
 

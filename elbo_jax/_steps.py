@@ -26,6 +26,7 @@ def _maybe_fold(key: Key | None, i: Any) -> Key | None:
 
 def _optax_steps(optimizer: Any, num_steps: int, loss: Any, params: Any, opt_state: Any, key: Key | None):
     """``num_steps`` optax updates of ``params`` on ``loss(params, key)``, in a ``fori_loop``."""
+    loss = _optax.user_promotion(loss)
 
     def body(i, carry):
         params, opt_state = carry
@@ -35,7 +36,8 @@ def _optax_steps(optimizer: Any, num_steps: int, loss: Any, params: Any, opt_sta
         updates, opt_state = _optax.update(optimizer, grads, opt_state, params, value, value_fn)
         return optax.apply_updates(params, updates), opt_state
 
-    return jax.lax.fori_loop(0, num_steps, body, (params, opt_state))
+    with _optax.library_promotion():
+        return jax.lax.fori_loop(0, num_steps, body, (params, opt_state))
 
 
 class _OptaxStep(eqx.Module):
@@ -53,6 +55,11 @@ class _OptaxStep(eqx.Module):
                 "optimizer must be an optax.GradientTransformation such as optax.adam(1e-2), "
                 f"got {self.optimizer!r}"
             )
+
+    def init_optimizer(self, params: Any) -> Any:
+        """The optimizer's state for ``params``."""
+        with _optax.library_promotion():
+            return self.transform.init(params)
 
     @property
     def transform(self) -> Any:
@@ -113,7 +120,7 @@ class GradientEStep(_OptaxStep, AbstractEStep):
 
     def init(self, q):
         params, _ = _split_params(q)
-        return self.transform.init(params)
+        return self.init_optimizer(params)
 
     def step(self, model, q, state, x, *, key, table):
         params, static = _split_params(q)
@@ -194,6 +201,18 @@ def minimize_lbfgs(fn: Any, params: Any, *, max_steps: int, tol: float | None = 
     dtype = jnp.result_type(*leaves) if leaves else jnp.zeros(()).dtype
     if tol is None:
         tol = 4 * float(jnp.finfo(dtype).eps)
+    dtypes = jax.tree_util.tree_map(lambda leaf: leaf.dtype, params)
+
+    # optax's zoom line search evaluates some trial points in the default float dtype
+    # (float64 under x64) even for float32 parameters; the user's model sees its own.
+    def fn_in_own_dtype(p):
+        return fn(jax.tree_util.tree_map(lambda leaf, dtype: leaf.astype(dtype), p, dtypes))
+
+    with _optax.library_promotion():
+        return _minimize_lbfgs(_optax.user_promotion(fn_in_own_dtype), params, max_steps, tol)
+
+
+def _minimize_lbfgs(fn: Any, params: Any, max_steps: int, tol: float) -> Any:
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(fn)
     init_value = fn(params)
@@ -238,7 +257,7 @@ class GradientMStep(_OptaxStep, AbstractMStep):
 
     def init(self, model):
         params, _ = _split_params(model)
-        return self.transform.init(params)
+        return self.init_optimizer(params)
 
     def step(self, model, q, state, x, *, key, prior):
         params, static = _split_params(model)
