@@ -392,4 +392,6 @@ class Gaussian(AbstractQ):
 
 
 def _diag_embed(v: Array) -> Array:
-    return v[..., :, None] * jnp.eye(v.shape[-1], dtype=v.dtype)
+    # Broadcast explicitly: jax_numpy_rank_promotion="raise" forbids the implicit kind.
+    eye = jnp.broadcast_to(jnp.eye(v.shape[-1], dtype=v.dtype), (*v.shape, v.shape[-1]))
+    return v[..., :, None] * eye
