@@ -228,9 +228,10 @@ def _minimize_lbfgs(fn: Any, params: Any, max_steps: int, tol: float) -> Any:
         new_params = optax.apply_updates(params, updates)
         new_value = optax.tree_utils.tree_get(new_state, "value")
         good = jnp.isfinite(new_value) & (new_value <= value)
-        grad_norm = optax.tree_utils.tree_l2_norm(grads)
+        # no optax norm: tree_l2_norm warns (deprecated) from optax 0.2.5, tree_norm is newer
+        grad_zero = jnp.all(jnp.stack([jnp.all(g == 0) for g in jax.tree_util.tree_leaves(grads)]))
         small = (value - new_value) <= tol * (1 + jnp.abs(new_value))
-        done = ~good | (grad_norm == 0) | ((i >= 3) & small)
+        done = ~good | grad_zero | ((i >= 3) & small)
         params, opt_state, value = jax.tree_util.tree_map(
             lambda new, old: jnp.where(good, new, old), (new_params, new_state, new_value), (params, opt_state, value)
         )
