@@ -62,16 +62,30 @@ def check_log_joint(model: Model, x: Any) -> None:
     """``log_joint`` must give a scalar for one datum and one latent value."""
     latent = model.latent
     if isinstance(latent, Discrete):
-        z = jax.ShapeDtypeStruct((), jnp.int32)
+        z = jax.ShapeDtypeStruct((), jnp.arange(latent.num_states).dtype)  # as log_joint_table
     elif isinstance(latent, Real):
         z = jax.ShapeDtypeStruct(latent.shape, float_dtype(model))
     else:
         raise TypeError(f"{type(model).__name__}.latent must be ej.Discrete(...) or ej.Real(...), got {latent!r}")
+    name = type(model).__name__
     x0 = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), x)
-    out = jax.eval_shape(model.log_joint, x0, z)
+    shapes = jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), x)
+    datum = jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape[1:]), x)
+    try:
+        out = jax.eval_shape(model.log_joint, x0, z)
+    except (TypeError, ValueError, IndexError) as error:
+        # Most often x has the wrong rank or dimension and log_joint indexes or
+        # broadcasts it; the bare JAX error would not mention x at all.
+        raise ValueError(
+            f"{name}.log_joint failed on one datum of x: x has shape {shapes}, so one datum "
+            f"has shape {datum} (the leading axis of x indexes the data), with z of shape "
+            f"{z.shape}. Check that x has the shape {name} expects. "
+            f"The error was {type(error).__name__}: {error}"
+        ) from error
     shape = getattr(out, "shape", None)
     if shape != ():
         raise TypeError(
-            f"{type(model).__name__}.log_joint must return a scalar log p(x, z) for one datum and "
-            f"one latent value, got shape {shape}; elbo_jax does the vmap over data itself"
+            f"{name}.log_joint must return a scalar log p(x, z) for one datum and one latent "
+            f"value, got shape {shape} for one datum of x of shape {datum} (x has shape "
+            f"{shapes}); elbo_jax does the vmap over data itself, so check the shape of x too"
         )
