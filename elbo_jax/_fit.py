@@ -231,7 +231,8 @@ def fit(
     - `prior`: ``prior(model) -> log p(θ)``, a scalar; ``None`` for maximum likelihood.
     - `max_iters`: at most this many iterations.
     - `tol`: stop when $|F_t - F_{t-1}| <$ ``tol`` (per datum). ``tol=0`` runs ``max_iters``.
-    - `key`: JAX random key for stochastic steps (Monte Carlo expectations); default ``key(0)``.
+    - `key`: JAX random key, required for stochastic steps (Monte Carlo expectations);
+      deterministic fits need none.
     - `progress`: show a tqdm bar (the loop runs in ~100 compiled chunks; no sync per iteration).
     - `throw`: raise ``RuntimeError`` instead of warning when the fit goes non-finite.
 
@@ -259,7 +260,12 @@ def fit(
     e_step = _resolve_e_step(e_step, q)
     m_step = _resolve_m_step(m_step)
     if key is None:
-        key = jr.key(0)
+        if q.needs_key:
+            raise ValueError(
+                f"q={type(q).__name__}(...) takes Monte Carlo expectations, so fit needs a "
+                "random key: pass key=jax.random.key(...)"
+            )
+        key = jr.key(0)  # deterministic steps draw nothing from it
 
     q_init = q.initialize(model, x, key=key)
     if isinstance(e_step, _OptaxStep):
