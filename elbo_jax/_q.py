@@ -101,7 +101,8 @@ def _table_or_compute(model: Model, x: Data, table: LogTable | None) -> LogTable
 
 def _weighted_table_sum(probs: Array, table: LogTable) -> PerDatum:
     # sum_k p_k T_k, with 0 * (-inf) := 0 and a gradient that stays finite there.
-    nonzero = probs > 0
+    # (`!= 0`, not `> 0`: NaN probabilities must propagate, not be dropped as zeros.)
+    nonzero = probs != 0
     safe_table = jnp.where(nonzero, table, 0.0)
     return jnp.sum(jnp.where(nonzero, probs * safe_table, 0.0), axis=-1)
 
