@@ -134,7 +134,10 @@ def _iterate(state: _State, x: Data, config: _Config, tol: Array) -> _State:
     q, e_state = config.e_step.step(model, state.q, state.e_state, x, key=e_key, table=table)
     objective = _free_energy(model, q, x, key=f_key, prior=config.prior, table=table)
 
-    finite = jnp.isfinite(objective) & is_finite_tree(model) & is_finite_tree(q)
+    # q may put log-probability -inf on states the model rules out (log_joint = -inf there);
+    # that is a valid q, and any other non-finite q makes the objective non-finite too.
+    q_ok = is_finite_tree(q, allow_minus_inf=True)
+    finite = jnp.isfinite(objective) & is_finite_tree(model) & q_ok
     increase = objective - state.objective
     rounding = 64 * jnp.finfo(objective.dtype).eps * (1 + jnp.abs(state.objective))
     increased = (config.e_step.exact and config.m_step.exact) & (increase > rounding)

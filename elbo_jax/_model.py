@@ -127,9 +127,15 @@ def float_dtype(model: Model) -> Any:
     return jnp.result_type(*leaves)
 
 
-def is_finite_tree(tree: Any) -> Array:
-    """A scalar bool: every inexact array leaf of ``tree`` is finite."""
-    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree) if eqx.is_inexact_array(leaf)]
+def is_finite_tree(tree: Any, *, allow_minus_inf: bool = False) -> Array:
+    """A scalar bool: every inexact array leaf of ``tree`` is finite.
+
+    ``allow_minus_inf``: ``-inf`` counts as finite (a log-probability of an impossible state).
+    """
+    ok = (lambda a: ~jnp.isnan(a) & (a < jnp.inf)) if allow_minus_inf else jnp.isfinite
+    leaves = [
+        jnp.all(ok(leaf)) for leaf in jax.tree_util.tree_leaves(tree) if eqx.is_inexact_array(leaf)
+    ]
     if not leaves:
         return jnp.array(True)
     return jnp.stack(leaves).all()
