@@ -21,39 +21,6 @@ N, D, L = 400, 6, 2
 
 
 # ----------------------------------------------------------------------------- fixtures
-@functools.cache
-def _core_gaussian_is_rank_strict() -> bool:
-    try:
-        ej.Gaussian.from_moments(jnp.zeros((2, 1)), jnp.ones((2, 1, 1))).covariance  # noqa: B018
-    except ValueError:
-        return False
-    return True
-
-
-@pytest.fixture(autouse=True)
-def _rank_promotion_workaround():
-    # Core bug (elbo_jax/_q.py, _diag_embed): `v[..., :, None] * jnp.eye(d)` broadcasts
-    # (N, d, 1) against (d, d), which raises under jax_numpy_rank_promotion="raise", so any
-    # batched ej.Gaussian fails (from_moments, scale_tril, covariance, cubature points).
-    # Relax the check only while the core has that bug; this file's own code is checked
-    # under "raise" in test_own_code_is_rank_strict.
-    if _core_gaussian_is_rank_strict():
-        yield
-    else:
-        with jax.numpy_rank_promotion("allow"):
-            yield
-
-
-def _adam(learning_rate):
-    # optax.adam computes `b1 ** count` (Python float ** int32), which strict dtype
-    # promotion rejects; the optimizer is run under standard promotion (see _standard()).
-    return optax.adam(learning_rate)
-
-
-def _standard():
-    return jax.numpy_dtype_promotion("standard")
-
-
 def _make_data(seed, noise, n=N):
     """Data from a linear-Gaussian model whose signal eigenvalues are well above the noise
     (EM's rate on the column scales is about 1 - 2 psi / lambda, so psi is not tiny)."""
@@ -266,8 +233,6 @@ def _closed_and_numerical_m_steps(model, q, x):
     return closed, numeric, *values
 
 
-# Core issue: elbo_jax/_steps.py calls optax.tree_utils.tree_l2_norm, deprecated in optax 0.2.5+.
-@pytest.mark.filterwarnings("ignore:optax.tree_utils.tree_l2_norm is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("cls", [PPCA, FactorAnalysis])
 def test_closed_form_m_step_equals_numerical_m_step(cls):
     model = _random_model(cls, 13)
@@ -334,32 +299,30 @@ def test_gradient_e_step_with_gaussian_q_approaches_exact_em():
     # Start q off zero: with q_n = N(0, I) for all n the first M-step sets W = 0, a
     # stationary point of the gradient E-step (the likelihood no longer depends on z).
     q0 = ej.Gaussian(jr.normal(jr.key(19), (N, L)), jnp.zeros((N, L, L)))
-    with _standard():
-        res = ej.fit(
-            model,
-            x,
-            q=q0,
-            e_step=ej.GradientEStep(_adam(0.05), num_steps=10),
-            max_iters=400,
-            tol=1e-9,
-        )
+    res = ej.fit(
+        model,
+        x,
+        q=q0,
+        e_step=ej.GradientEStep(optax.adam(0.05), num_steps=10),
+        max_iters=400,
+        tol=1e-9,
+    )
     assert res.status != ej.Status.NONFINITE
     log_evidence = float(ej.log_evidence(res.model, x))
     oracle = _tipping_bishop_loglik(x, L)
     assert float(res.elbo) <= log_evidence + 1e-9  # the ELBO is a lower bound
-    assert abs(log_evidence - oracle) < 1e-3
+    assert abs(log_evidence - oracle) < 1e-4
     assert float(res.elbo) - float(res.initial_elbo) > 1.0
 
 
 def test_gradient_m_step_improves_the_fit():
     x = ppca_data()
     model = PPCA.initialize(jr.key(19), x, L)
-    with _standard():
-        res = ej.fit(
-            model, x, m_step=ej.GradientMStep(_adam(0.05), num_steps=5), max_iters=300, tol=1e-9
-        )
+    res = ej.fit(
+        model, x, m_step=ej.GradientMStep(optax.adam(0.05), num_steps=5), max_iters=300, tol=1e-9
+    )
     assert res.status != ej.Status.NONFINITE
-    assert abs(float(ej.log_evidence(res.model, x)) - _tipping_bishop_loglik(x, L)) < 1e-2
+    assert abs(float(ej.log_evidence(res.model, x)) - _tipping_bishop_loglik(x, L)) < 1e-4
 
 
 def test_hard_em_with_point_mass_runs():
@@ -388,16 +351,16 @@ def test_float32_fit_stays_float32():
     oracle = _tipping_bishop_loglik(ppca_data(), L)
     assert abs(float(ej.log_evidence(res.model, x)) - oracle) < 1e-3
 
-    # every hook of both models keeps float32 (float64 data are cast to the model's dtype)
+    # the hooks keep float32 too (float64 data are cast to the model's dtype); the code is
+    # shared, so FactorAnalysis covers both models
     @eqx.filter_jit
     def hooks(model, x64):
         q = model.posterior(x64)
         new = model.maximize(model.sufficient_statistics(x64, q))
         return q.mean, q.covariance, model.log_marginal(x64), new, model.sample(jr.key(0), 3)[0]
 
-    for cls in (PPCA, FactorAnalysis):
-        outputs = hooks(cls.initialize(jr.key(22), x, L), ppca_data())
-        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(outputs))
+    outputs = hooks(FactorAnalysis.initialize(jr.key(22), x, L), ppca_data())
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(outputs))
     assert PPCA.maximum_likelihood(x, L).weight.dtype == jnp.float32
 
 
@@ -434,23 +397,6 @@ def test_initialize_and_sample():
     assert np.array_equal(np.asarray(samples), np.asarray(again))
     cov = np.asarray(truth.covariance)
     np.testing.assert_allclose(np.cov(np.asarray(samples).T), cov, atol=0.08 * np.abs(cov).max())
-
-
-def test_own_code_is_rank_strict():
-    # Everything here avoids batched ej.Gaussian internals (see _rank_promotion_workaround).
-    x = ppca_data()
-    with jax.numpy_rank_promotion("raise"):
-        for cls in (PPCA, FactorAnalysis):
-            model = cls.initialize(jr.key(25), x, L)
-            model.log_marginal(x)
-            model.transform(x)
-            mean = model.posterior(x).mean
-            stats = model.sufficient_statistics(x, ej.PointMass(mean))
-            model.maximize(stats)
-            model.sample(jr.key(26), 5)
-            jax.vmap(model.log_joint)(jnp.asarray(x), mean)
-            ej.free_energy(model, ej.PointMass(mean), x)
-        PPCA.maximum_likelihood(x, L)
 
 
 def test_error_messages():
