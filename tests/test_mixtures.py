@@ -7,8 +7,6 @@
   with and without the conjugate priors.
 """
 
-import warnings
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -67,11 +65,7 @@ def poisson_data():
 
 @eqx.filter_jit
 def _numerical_m_step(model, q, x, prior=None):
-    # The core's L-BFGS loop calls optax.tree_utils.tree_l2_norm, deprecated in optax 0.2.5;
-    # the DeprecationWarning is not about this model, so it is silenced here only.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "optax.tree_utils.tree_l2_norm", DeprecationWarning)
-        new, _ = ej.ExactMStep(use_closed_form=False).step(model, q, None, x, key=None, prior=prior)
+    new, _ = ej.ExactMStep(use_closed_form=False).step(model, q, None, x, key=None, prior=prior)
     return new
 
 
