@@ -1,0 +1,683 @@
+r"""The Gaussian mixture: $p(x, z{=}k) = w_k\,\mathcal N(x \mid \mu_k, \Sigma_k)$, with a
+closed-form (maximum-likelihood or MAP) M-step, a conjugate prior and k-means++ start."""
+
+import functools
+import math
+from typing import Any, Literal, final
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.scipy.linalg as jsl
+import jax.scipy.special as jss
+import numpy as np
+
+from .._custom_types import Array, Float, Int, Key, LogTable, Scalar
+from .._latent import Discrete
+from .._model import Model
+from .._objective import log_evidence
+
+_LOG_2PI = math.log(2 * math.pi)
+_COVARIANCE_TYPES = ("full", "diag")
+
+
+# --------------------------------------------------------------------------- helpers
+def _tiny(dtype: Any) -> float:
+    """The count added to every component (scikit-learn's ``10 * eps``) so none is exactly 0."""
+    return 10 * float(jnp.finfo(dtype).eps)
+
+
+def _eye(d: int, dtype: Any) -> Array:
+    return jnp.eye(d, dtype=dtype)
+
+
+def _diag_embed(v: Array) -> Array:
+    d = v.shape[-1]
+    return v[..., :, None] * jnp.broadcast_to(_eye(d, v.dtype), (*v.shape, d))
+
+
+def _is_concrete(*arrays: Any) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def _float_dtype(*arrays: Any) -> Any:
+    """The floating dtype the inputs agree on (NumPy promotion), canonicalised by JAX."""
+    kinds = [np.dtype(getattr(a, "dtype", np.asarray(a).dtype)) for a in arrays]
+    floats = [k for k in kinds if k.kind == "f"]
+    dtype = np.result_type(*floats) if floats else jnp.zeros(()).dtype
+    return jnp.zeros((), dtype).dtype
+
+
+def _check_covariance_type(covariance_type: Any) -> None:
+    if covariance_type not in _COVARIANCE_TYPES:
+        raise ValueError(f"covariance_type must be 'full' or 'diag', got {covariance_type!r}")
+
+
+def _check_reg_covar(reg_covar: Any) -> float:
+    ok = isinstance(reg_covar, (int, float)) and not isinstance(reg_covar, bool)
+    if not ok or not math.isfinite(reg_covar) or reg_covar < 0:
+        raise ValueError(f"reg_covar must be a finite number >= 0, got {reg_covar!r}")
+    return float(reg_covar)
+
+
+def _precision_factor_from_covariance(cov: Array, covariance_type: str) -> Array:
+    r"""The stored precision factor: full, $A = L^{-1}$ ($\Sigma = LL^\top$) with a log diagonal;
+    diag, $\log \sigma^{-1}$. Non-finite where $\Sigma$ is not positive definite."""
+    if covariance_type == "diag":
+        return -0.5 * jnp.log(cov)
+    chol = jnp.linalg.cholesky(cov)
+    eye = jnp.broadcast_to(_eye(cov.shape[-1], cov.dtype), cov.shape)
+    factor = jsl.solve_triangular(chol, eye, lower=True)
+    diag = jnp.diagonal(factor, axis1=-2, axis2=-1)
+    return jnp.tril(factor, -1) + _diag_embed(jnp.log(diag))
+
+
+# --------------------------------------------------------------------------- model
+@final
+class GaussianMixture(Model):
+    r"""A mixture of $K$ Gaussians in $D$ dimensions.
+
+    $$p(x, z{=}k \mid \theta) = w_k\,\mathcal N(x \mid \mu_k, \Sigma_k),\qquad
+      \log \mathcal N(x\mid\mu,\Sigma) = -\tfrac D2\log 2\pi + \log|A| - \tfrac12\|A(x-\mu)\|^2$$
+
+    where $\Sigma^{-1} = A^\top A$. The parameters are stored unconstrained, so
+    ``ej.GradientMStep`` can move them freely: ``weight_logits`` ($\log w$ up to a
+    constant), ``loc`` ($\mu$) and ``raw_precision_factor`` — for ``"full"`` the
+    lower-triangular $A_k = L_k^{-1}$ ($\Sigma_k = L_kL_k^\top$) with its diagonal stored
+    as a log, for ``"diag"`` $\log \sigma_{kd}^{-1}$. ``log_joint`` acts on one datum;
+    ``log_joint_table`` is the vectorised $(N, K)$ table.
+
+    The exact M-step is closed form and matches scikit-learn's: with responsibilities
+    $r_{nk}$, $n_k = \sum_n r_{nk}$, $w_k = n_k/N$, $\mu_k = \sum_n r_{nk}x_n/n_k$ and
+    $\Sigma_k = \sum_n r_{nk}(x_n-\mu_k)(x_n-\mu_k)^\top/n_k + \text{reg\_covar}\,I$
+    (``"diag"``: the diagonal). A component with $n_k \approx 0$ keeps its mean and
+    covariance and gets a tiny, finite weight. With a ``GaussianMixturePrior`` the
+    M-step is the joint posterior mode (MAP-EM).
+
+    **Arguments:**
+
+    - `weights`: mixture weights, shape ``(K,)``, positive, summing to 1.
+    - `means`: component means, shape ``(K, D)``.
+    - `covariances`: ``(K, D, D)`` positive-definite matrices (``"full"``) or ``(K, D)``
+      positive variances (``"diag"``).
+    - `covariance_type`: ``"full"`` or ``"diag"``.
+    - `reg_covar`: added to the diagonal of every covariance in the M-step (``>= 0``).
+
+    The model keeps the floating dtype of its inputs (float32 in, float32 model).
+
+    ```python
+    model = ej.models.GaussianMixture.initialize(jax.random.key(0), x, num_components=3)
+    res = ej.fit(model, x)
+    res.model.means, res.model.predict(x)
+    ```
+    """
+
+    weight_logits: Float[Array, " K"]
+    loc: Float[Array, "K D"]
+    raw_precision_factor: Float[Array, "K D D"] | Float[Array, "K D"]
+    covariance_type: Literal["full", "diag"] = eqx.field(static=True)
+    reg_covar: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        weights: Float[Array, " K"],
+        means: Float[Array, "K D"],
+        covariances: Float[Array, "K D D"] | Float[Array, "K D"],
+        covariance_type: Literal["full", "diag"] = "full",
+        reg_covar: float = 1e-6,
+    ):
+        _check_covariance_type(covariance_type)
+        self.covariance_type = covariance_type
+        self.reg_covar = _check_reg_covar(reg_covar)
+        dtype = _float_dtype(weights, means, covariances)
+        weights = jnp.asarray(weights, dtype)
+        means = jnp.asarray(means, dtype)
+        covariances = jnp.asarray(covariances, dtype)
+        if weights.ndim != 1 or weights.shape[0] < 1:
+            raise ValueError(f"weights has shape {weights.shape}, expected (K,) with K >= 1")
+        k = weights.shape[0]
+        if means.ndim != 2 or means.shape[0] != k or means.shape[1] < 1:
+            raise ValueError(f"means has shape {means.shape}, expected (K, D) with K={k}")
+        d = means.shape[1]
+        expected = (k, d, d) if covariance_type == "full" else (k, d)
+        if covariances.shape != expected:
+            raise ValueError(
+                f"covariances has shape {covariances.shape}, expected {expected} "
+                f"(K={k}, D={d}) for covariance_type={covariance_type!r}"
+            )
+        raw = _precision_factor_from_covariance(covariances, covariance_type)
+        if _is_concrete(weights, means, covariances):
+            w = np.asarray(weights)
+            tol = math.sqrt(float(jnp.finfo(dtype).eps))
+            if not np.all(np.isfinite(w)) or np.any(w <= 0) or abs(w.sum() - 1) > tol:
+                raise ValueError(f"weights must be positive and sum to 1, got {w}")
+            if not np.all(np.isfinite(np.asarray(means))):
+                raise ValueError("means contains NaN or Inf")
+            c = np.asarray(covariances)
+            if covariance_type == "full":
+                scale = tol * float(np.max(np.abs(c), initial=0.0))
+                symmetric = np.allclose(c, np.swapaxes(c, -1, -2), rtol=tol, atol=scale)
+                if not symmetric or not np.all(np.isfinite(np.asarray(raw))):
+                    raise ValueError("covariances must be symmetric positive-definite matrices")
+            elif not np.all(np.isfinite(c)) or np.any(c <= 0):
+                raise ValueError("covariances must be positive (variances, for 'diag')")
+        self.weight_logits = jnp.log(weights) - jnp.log(jnp.sum(weights))
+        self.loc = means
+        self.raw_precision_factor = raw
+
+    # ------------------------------------------------------------- parameters
+    @property
+    def latent(self) -> Discrete:
+        return Discrete(self.num_components)
+
+    @property
+    def num_components(self) -> int:
+        return self.loc.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.loc.shape[1]
+
+    @property
+    def log_weights(self) -> Float[Array, " K"]:
+        r"""$\log w_k$, normalised."""
+        return jax.nn.log_softmax(self.weight_logits)
+
+    @property
+    def weights(self) -> Float[Array, " K"]:
+        """Mixture weights $w_k$, shape ``(K,)``."""
+        return jax.nn.softmax(self.weight_logits)
+
+    @property
+    def means(self) -> Float[Array, "K D"]:
+        r"""Component means $\mu_k$, shape ``(K, D)``."""
+        return self.loc
+
+    @property
+    def _log_precision_diag(self) -> Float[Array, "K D"]:
+        r"""$\log$ of the diagonal of $A_k$ (so $\log|\Sigma_k^{-1}|^{1/2}$ is its sum)."""
+        if self.covariance_type == "diag":
+            return self.raw_precision_factor
+        return jnp.diagonal(self.raw_precision_factor, axis1=-2, axis2=-1)
+
+    @property
+    def _precision_factor(self) -> Array:
+        r"""$A_k$, lower triangular with $\Sigma_k^{-1} = A_k^\top A_k$ (full, ``(K, D, D)``),
+        or $\sigma_{kd}^{-1}$ (diag, ``(K, D)``)."""
+        if self.covariance_type == "diag":
+            return jnp.exp(self.raw_precision_factor)
+        raw = self.raw_precision_factor
+        return jnp.tril(raw, -1) + _diag_embed(jnp.exp(self._log_precision_diag))
+
+    @property
+    def precisions_cholesky(self) -> Array:
+        r"""scikit-learn's ``precisions_cholesky_``: upper-triangular $U_k = A_k^\top$ with
+        $\Sigma_k^{-1} = U_kU_k^\top$ (full), or $1/\sigma_{kd}$ (diag)."""
+        factor = self._precision_factor
+        return factor if self.covariance_type == "diag" else jnp.swapaxes(factor, -1, -2)
+
+    @property
+    def _covariance_cholesky(self) -> Array:
+        r"""$L_k = A_k^{-1}$ with $\Sigma_k = L_kL_k^\top$ (full), or $\sigma_{kd}$ (diag)."""
+        if self.covariance_type == "diag":
+            return jnp.exp(-self.raw_precision_factor)
+        factor = self._precision_factor
+        eye = jnp.broadcast_to(_eye(self.dim, factor.dtype), factor.shape)
+        return jsl.solve_triangular(factor, eye, lower=True)
+
+    @property
+    def covariances(self) -> Array:
+        r"""$\Sigma_k$, shape ``(K, D, D)`` (full) or the variances ``(K, D)`` (diag)."""
+        if self.covariance_type == "diag":
+            return jnp.exp(-2 * self.raw_precision_factor)
+        chol = self._covariance_cholesky
+        return chol @ jnp.swapaxes(chol, -1, -2)
+
+    @property
+    def n_parameters(self) -> int:
+        """Number of free parameters, counted as scikit-learn does (for ``bic`` / ``aic``)."""
+        k, d = self.num_components, self.dim
+        cov = k * d * (d + 1) // 2 if self.covariance_type == "full" else k * d
+        return cov + k * d + k - 1
+
+    # ------------------------------------------------------------- densities
+    def log_joint(self, x: Float[Array, " D"], z: Int[Array, ""]) -> Scalar:
+        r"""$\log w_z + \log\mathcal N(x \mid \mu_z, \Sigma_z)$ for one datum ``x`` ``(D,)``."""
+        diff = x - self.loc[z]
+        if self.covariance_type == "diag":
+            y = diff * self._precision_factor[z]
+        else:
+            y = self._precision_factor[z] @ diff
+        log_det = jnp.sum(self._log_precision_diag[z])
+        return self.log_weights[z] - 0.5 * self.dim * _LOG_2PI + log_det - 0.5 * jnp.sum(y**2)
+
+    def log_joint_table(self, x: Float[Array, "N D"]) -> LogTable:
+        r"""The table $T_{nk} = \log w_k + \log\mathcal N(x_n\mid\mu_k,\Sigma_k)$, ``(N, K)``.
+
+        Full: $\|A_k(x_n-\mu_k)\|^2$ as one batched matmul. Diag: $\sum_d (x_{nd}-\mu_{kd})^2
+        p_{kd}^2$ expanded into matmuls, about a shift $c = \sum_k w_k\mu_k$ so that it does not
+        cancel in float32.
+        """
+        if self.covariance_type == "diag":
+            shift = self.weights @ self.loc
+            xc = x - shift[None]
+            mc = self.loc - shift[None]
+            p2 = self._precision_factor**2
+            quad = (xc**2) @ p2.T - 2 * xc @ (mc * p2).T + jnp.sum(mc**2 * p2, axis=-1)[None]
+            quad = jnp.maximum(quad, 0.0)
+        else:
+            diff = x[:, None, :] - self.loc[None]
+            y = jnp.einsum("nkj,kij->nki", diff, self._precision_factor)
+            quad = jnp.sum(y**2, axis=-1)
+        log_det = jnp.sum(self._log_precision_diag, axis=-1)
+        per_k = self.log_weights - 0.5 * self.dim * _LOG_2PI + log_det
+        return per_k[None] - 0.5 * quad
+
+    # ------------------------------------------------------------- closed-form M-step
+    def has_closed_form(self, prior: Any) -> bool:
+        return prior is None or isinstance(prior, GaussianMixturePrior)
+
+    def sufficient_statistics(self, x: Float[Array, "N D"], q: Any) -> dict[str, Array]:
+        r"""Expected statistics about the current means $\mu_k^{\text{old}}$ (a shift recomputed
+        from the model in ``maximize``, so float32 does not cancel):
+
+        $n_k = \sum_n r_{nk}$, $s_k = \sum_n r_{nk}(x_n-\mu_k^{\text{old}})$ and
+        $S_k = \sum_n r_{nk}(x_n-\mu_k^{\text{old}})(x_n-\mu_k^{\text{old}})^\top$ (diag: its
+        diagonal), with $r_{nk} = q_n(z{=}k)$. A dict of arrays; statistics of shards add up.
+        """
+        q = q.resolve(self, x)
+        resp = q.probs.astype(self.loc.dtype)
+        diff = x[:, None, :] - self.loc[None]
+        if self.covariance_type == "diag":
+            second = jnp.einsum("nk,nkd->kd", resp, diff**2)
+        else:
+            second = jnp.einsum("nk,nki,nkj->kij", resp, diff, diff)
+        return {
+            "counts": jnp.sum(resp, axis=0),
+            "first": jnp.einsum("nk,nkd->kd", resp, diff),
+            "second": second,
+        }
+
+    def maximize(
+        self, stats: dict[str, Array], prior: "GaussianMixturePrior | None" = None
+    ) -> "GaussianMixture":
+        r"""The closed-form M-step from ``sufficient_statistics`` (maximum likelihood, or the
+        MAP with a ``GaussianMixturePrior``; see the class and the prior for the formulas)."""
+        dtype = self.loc.dtype
+        k, d = self.num_components, self.dim
+        tiny = _tiny(dtype)
+        counts, first, second = stats["counts"], stats["first"], stats["second"]
+        # n_k gets scikit-learn's 10 eps where it divides, so an empty component stays finite.
+        if prior is None:
+            offset = jnp.zeros((k, d), dtype)
+            psi = jnp.zeros((d, d), dtype)
+            mean_denominator = counts + tiny
+            denominator = counts + tiny
+            weight_counts = counts + tiny
+        else:
+            prior = prior._cast(self)
+            kappa = prior.mean_precision
+            offset = kappa * (prior.mean[None] - self.loc)
+            psi = prior.scale
+            mean_denominator = counts + kappa
+            denominator = counts + prior.dof + (d + 2 if self.covariance_type == "full" else 3)
+            weight_counts = counts + (prior.concentration - 1) + tiny
+        # The new (posterior) mean m_k, as an offset e_k = m_k - mu_k^old from the shift point.
+        e = (first + offset) / mean_denominator[:, None]
+        if self.covariance_type == "diag":
+            scatter = second - 2 * first * e + counts[:, None] * e**2
+            psi_n = jnp.diagonal(psi)[None] + scatter
+            if prior is not None:
+                psi_n = psi_n + kappa * (self.loc + e - prior.mean[None]) ** 2
+            cov = psi_n / denominator[:, None] + self.reg_covar
+        else:
+            fe = jnp.einsum("ki,kj->kij", first, e)
+            scatter = (
+                second
+                - fe
+                - jnp.swapaxes(fe, -1, -2)
+                + counts[:, None, None] * (jnp.einsum("ki,kj->kij", e, e))
+            )
+            psi_n = psi[None] + scatter
+            if prior is not None:
+                dm = self.loc + e - prior.mean[None]  # m_k - m0
+                psi_n = psi_n + kappa * jnp.einsum("ki,kj->kij", dm, dm)
+            psi_n = 0.5 * (psi_n + jnp.swapaxes(psi_n, -1, -2))
+            cov = psi_n / denominator[:, None, None] + self.reg_covar * _eye(d, dtype)[None]
+        raw = _precision_factor_from_covariance(cov, self.covariance_type)
+        axes = tuple(range(1, raw.ndim))
+        # An (almost) empty component, n_k < 10 eps N, keeps its mean and covariance (ML only:
+        # a prior keeps the mode well defined); a covariance that is not positive definite
+        # (possible with reg_covar=0) is not taken.
+        if prior is None:
+            take_mean = counts >= tiny * jnp.sum(counts)
+        else:
+            take_mean = jnp.ones((k,), bool)
+        take_cov = take_mean & jnp.all(jnp.isfinite(raw), axis=axes)
+        loc = jnp.where(take_mean[:, None], self.loc + e, self.loc)
+        expand = (slice(None),) + (None,) * (raw.ndim - 1)
+        raw = jnp.where(take_cov[expand], raw, self.raw_precision_factor)
+        logits = jnp.log(weight_counts) - jnp.log(jnp.sum(weight_counts))
+        return eqx.tree_at(
+            lambda m: (m.weight_logits, m.loc, m.raw_precision_factor), self, (logits, loc, raw)
+        )
+
+    # ------------------------------------------------------------- data and helpers
+    def check_data(self, x: Any) -> None:
+        """``x`` must be ``(N, D)`` with this model's ``D`` and at least ``K`` data."""
+        self._check_shape(x)
+        n, k = x.shape[0], self.num_components
+        if k > n:
+            raise ValueError(f"num_components K={k} is larger than the number of data N={n} in x")
+
+    def _check_shape(self, x: Any) -> None:
+        shape = tuple(np.shape(x))
+        if len(shape) != 2 or shape[1] != self.dim:
+            raise ValueError(f"x has shape {shape}, expected (N, D) with D={self.dim}")
+
+    def _as_data(self, x: Any) -> Array:
+        self._check_shape(x)
+        return jnp.asarray(x, self.loc.dtype)
+
+    def predict_proba(self, x: Float[Array, "N D"]) -> Float[Array, "N K"]:
+        r"""Responsibilities $p(z{=}k \mid x_n, \theta)$, shape ``(N, K)``."""
+        table = self.log_joint_table(self._as_data(x))
+        return jax.nn.softmax(table, axis=-1)
+
+    def predict(self, x: Float[Array, "N D"]) -> Int[Array, " N"]:
+        r"""The most probable component $\arg\max_k p(z{=}k \mid x_n)$, shape ``(N,)``."""
+        return jnp.argmax(self.log_joint_table(self._as_data(x)), axis=-1)
+
+    def score(self, x: Float[Array, "N D"]) -> Scalar:
+        r"""Mean log-likelihood $\frac1N\sum_n\log p(x_n\mid\theta)$ (``ej.log_evidence``)."""
+        return log_evidence(self, self._as_data(x))
+
+    def bic(self, x: Float[Array, "N D"]) -> Scalar:
+        r"""Bayesian information criterion $-2\log p(x\mid\theta) + P\log N$ (lower is better)."""
+        n = np.shape(x)[0]
+        return -2 * self.score(x) * n + self.n_parameters * math.log(n)
+
+    def aic(self, x: Float[Array, "N D"]) -> Scalar:
+        r"""Akaike information criterion $-2\log p(x\mid\theta) + 2P$ (lower is better)."""
+        return -2 * self.score(x) * np.shape(x)[0] + 2 * self.n_parameters
+
+    def sample(self, key: Key, n: int) -> tuple[Float[Array, "n D"], Int[Array, " n"]]:
+        r"""Draw $z_i \sim \mathrm{Cat}(w)$, $x_i \sim \mathcal N(\mu_{z_i}, \Sigma_{z_i})$.
+
+        **Returns:** ``(x, z)`` with shapes ``(n, D)`` and ``(n,)``.
+        """
+        key_z, key_x = jr.split(key)
+        z = jr.categorical(key_z, self.weight_logits, shape=(n,))
+        eps = jr.normal(key_x, (n, self.dim), self.loc.dtype)
+        chol = self._covariance_cholesky[z]
+        if self.covariance_type == "diag":
+            return self.loc[z] + chol * eps, z
+        return self.loc[z] + jnp.einsum("nij,nj->ni", chol, eps), z
+
+    @classmethod
+    def initialize(
+        cls,
+        key: Key,
+        x: Float[Array, "N D"],
+        num_components: int,
+        covariance_type: Literal["full", "diag"] = "full",
+        reg_covar: float = 1e-6,
+        num_kmeans_iters: int = 10,
+    ) -> "GaussianMixture":
+        r"""A starting model from k-means++ seeding and a few Lloyd iterations.
+
+        Seeds are drawn by greedy $D^2$ sampling (Arthur & Vassilvitskii, 2007; as
+        scikit-learn, the best of $2 + \lfloor\log K\rfloor$ candidates each time), refined by
+        ``num_kmeans_iters`` Lloyd steps (an empty cluster keeps its centre), all compiled.
+        From the hard assignment: $w_k = n_k/N$, $\mu_k$ the cluster mean, $\Sigma_k$ the
+        cluster covariance (the whole data's if the cluster has fewer than 2 points) plus
+        ``reg_covar``. The same key gives the same model; the dtype is that of ``x``.
+
+        ```python
+        model = ej.models.GaussianMixture.initialize(jax.random.key(0), x, 3, "diag")
+        ```
+        """
+        _check_covariance_type(covariance_type)
+        reg_covar = _check_reg_covar(reg_covar)
+        if not isinstance(num_components, int) or isinstance(num_components, bool):
+            raise TypeError(f"num_components must be an int, got {num_components!r}")
+        if num_components < 1:
+            raise ValueError(f"num_components must be >= 1, got {num_components}")
+        if not isinstance(num_kmeans_iters, int) or num_kmeans_iters < 0:
+            raise ValueError(f"num_kmeans_iters must be an int >= 0, got {num_kmeans_iters!r}")
+        shape = tuple(np.shape(x))
+        if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+            raise ValueError(f"x has shape {shape}, expected (N, D) with N >= 1 and D >= 1")
+        if num_components > shape[0]:
+            raise ValueError(
+                f"num_components={num_components} is larger than the number of data N={shape[0]}"
+            )
+        x = jnp.asarray(x, _float_dtype(x))
+        if not bool(jnp.all(jnp.isfinite(x))):
+            raise ValueError("x contains NaN or Inf")
+        weights, means, covs = _kmeans_start(
+            key,
+            x,
+            jnp.asarray(reg_covar, x.dtype),
+            jnp.asarray(num_kmeans_iters, jnp.int32),
+            num_components=num_components,
+            covariance_type=covariance_type,
+        )
+        return cls(weights, means, covs, covariance_type, reg_covar)
+
+
+@functools.partial(jax.jit, static_argnames=("num_components", "covariance_type"))
+def _kmeans_start(key, x, reg_covar, num_iters, *, num_components, covariance_type):
+    n, d = x.shape
+    k = num_components
+    key_first, key_rest = jr.split(key)
+
+    def sq_dist(c):
+        return jnp.sum((x - c[None]) ** 2, axis=-1)
+
+    num_trials = 2 + int(math.log(k))
+
+    def seed(i, carry):
+        centres, d2 = carry
+        # Greedy D^2 sampling: draw a few candidates, keep the one that lowers the k-means
+        # potential most; if every point is already a centre, draw uniformly.
+        logits = jnp.where(jnp.sum(d2) > 0, jnp.log(d2), 0.0)
+        picks = jr.categorical(jr.fold_in(key_rest, i), logits, shape=(num_trials,))
+        candidates = x[picks]
+        cand_d2 = jnp.minimum(d2[None], jax.vmap(sq_dist)(candidates))
+        best = jnp.argmin(jnp.sum(cand_d2, axis=-1))
+        return centres.at[i].set(candidates[best]), cand_d2[best]
+
+    first = x[jr.randint(key_first, (), 0, n)]
+    centres = jnp.zeros((k, d), x.dtype).at[0].set(first)
+    centres, _ = jax.lax.fori_loop(1, k, seed, (centres, sq_dist(first)))
+
+    def assign(centres):
+        d2 = jnp.sum((x[:, None, :] - centres[None]) ** 2, axis=-1)
+        onehot = jax.nn.one_hot(jnp.argmin(d2, axis=-1), k, dtype=x.dtype)
+        counts = jnp.sum(onehot, axis=0)
+        means = (onehot.T @ x) / jnp.maximum(counts, 1.0)[:, None]
+        return onehot, counts, jnp.where((counts > 0)[:, None], means, centres)
+
+    centres = jax.lax.fori_loop(0, num_iters, lambda _, c: assign(c)[2], centres)
+    onehot, counts, means = assign(centres)
+
+    tiny = _tiny(x.dtype)
+    weights = (counts + tiny) / jnp.sum(counts + tiny)
+    diff = x[:, None, :] - means[None]
+    centred = x - jnp.mean(x, axis=0)[None]
+    few = (counts < 2)[:, None]
+    if covariance_type == "diag":
+        cluster = jnp.einsum("nk,nkd->kd", onehot, diff**2) / jnp.maximum(counts, 1.0)[:, None]
+        overall = jnp.mean(centred**2, axis=0)
+        covs = jnp.where(few, overall[None], cluster) + reg_covar
+    else:
+        scatter = jnp.einsum("nk,nki,nkj->kij", onehot, diff, diff)
+        cluster = scatter / jnp.maximum(counts, 1.0)[:, None, None]
+        overall = centred.T @ centred / n
+        covs = (
+            jnp.where(few[..., None], overall[None], cluster) + reg_covar * _eye(d, x.dtype)[None]
+        )
+    return weights, means, covs
+
+
+# --------------------------------------------------------------------------- prior
+@final
+class GaussianMixturePrior(eqx.Module):
+    r"""The conjugate prior on a Gaussian mixture, for MAP-EM: ``ej.fit(model, x, prior=prior)``.
+
+    $w \sim \mathrm{Dir}(\alpha)$ and, independently per component,
+    $(\mu_k, \Sigma_k) \sim \mathrm{NIW}(m_0, \kappa_0, \nu_0, \Psi_0)$:
+    $\mu_k\mid\Sigma_k \sim \mathcal N(m_0, \Sigma_k/\kappa_0)$, $\Sigma_k \sim
+    \mathcal{W}^{-1}(\Psi_0, \nu_0)$. For ``"diag"`` models each dimension has the
+    normal-inverse-gamma prior $\mu_{kd}\mid\sigma^2_{kd} \sim \mathcal N(m_{0d},
+    \sigma^2_{kd}/\kappa_0)$, $\sigma^2_{kd} \sim \mathrm{IG}(\nu_0/2, \Psi_{0,dd}/2)$.
+
+    Calling it, ``prior(model)``, gives the exact $\log p(\theta)$ as a density in the
+    constrained parameters $(w, \mu, \Sigma)$. ``GaussianMixture.maximize`` with it gives
+    the joint posterior mode: $m_k = (\sum_n r_{nk}x_n + \kappa_0 m_0)/(n_k+\kappa_0)$,
+    $\Psi_k = \Psi_0 + \sum_n r_{nk}(x_n-m_k)(x_n-m_k)^\top + \kappa_0(m_k-m_0)(m_k-m_0)^\top$,
+    $\Sigma_k = \Psi_k/(n_k+\nu_0+D+2)$ (diag: $\Psi_{k,dd}/(n_k+\nu_0+3)$) plus ``reg_covar``,
+    and $w_k \propto n_k + \alpha_k - 1$.
+
+    **Arguments** (all keyword except ``dim``):
+
+    - `dim`: the data dimension $D$ (may be left out when `mean` is given).
+    - `concentration`: $\alpha \ge 1$, a scalar or ``(K,)`` (default 1: flat on the simplex).
+    - `mean`: $m_0$, shape ``(D,)`` (default zeros; ``from_data`` uses the data mean).
+    - `mean_precision`: $\kappa_0 > 0$ (default 1).
+    - `dof`: $\nu_0 > D-1$ (default $D$, as scikit-learn's ``BayesianGaussianMixture``).
+    - `scale`: $\Psi_0$, ``(D, D)`` positive definite or ``(D,)`` diagonal (default $I$).
+
+    ```python
+    prior = ej.models.GaussianMixturePrior.from_data(x)
+    res = ej.fit(model, x, prior=prior)
+    ```
+    """
+
+    concentration: Array
+    mean: Float[Array, " D"]
+    mean_precision: Float[Array, ""]
+    dof: Float[Array, ""]
+    scale: Float[Array, "D D"]
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        *,
+        concentration: Any = 1.0,
+        mean: Any = None,
+        mean_precision: Any = 1.0,
+        dof: Any = None,
+        scale: Any = None,
+    ):
+        if mean is not None:
+            mean = jnp.asarray(mean, _float_dtype(mean))
+            if mean.ndim != 1 or (dim is not None and mean.shape[0] != dim):
+                raise ValueError(f"mean has shape {mean.shape}, expected (D,) with D={dim}")
+            dim = mean.shape[0]
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be a positive int (or give mean), got {dim!r}")
+        dtype = mean.dtype if mean is not None else jnp.zeros(()).dtype
+        self.mean = jnp.zeros((dim,), dtype) if mean is None else mean
+        self.concentration = jnp.asarray(concentration, dtype)
+        self.mean_precision = jnp.asarray(mean_precision, dtype)
+        self.dof = jnp.asarray(dim if dof is None else dof, dtype)
+        scale = _eye(dim, dtype) if scale is None else jnp.asarray(scale, dtype)
+        if scale.shape == (dim,):
+            scale = jnp.diag(scale)
+        if scale.shape != (dim, dim):
+            raise ValueError(f"scale has shape {scale.shape}, expected (D, D) or (D,), D={dim}")
+        self.scale = scale
+        if self.concentration.ndim > 1:
+            raise ValueError(
+                f"concentration has shape {self.concentration.shape}, expected a scalar or (K,)"
+            )
+        if self.mean_precision.ndim or self.dof.ndim:
+            raise ValueError("mean_precision and dof must be scalars")
+        if _is_concrete(self.concentration, self.mean_precision, self.dof, self.scale):
+            if not bool(jnp.all(self.concentration >= 1)):
+                raise ValueError(
+                    f"concentration must be >= 1 (the MAP weights must lie inside the simplex), "
+                    f"got {self.concentration}"
+                )
+            if not float(self.mean_precision) > 0:
+                raise ValueError(f"mean_precision must be > 0, got {float(self.mean_precision)}")
+            if not float(self.dof) > max(dim - 1, 0):
+                raise ValueError(
+                    f"dof must be > D - 1 = {dim - 1} (and > 0), got {float(self.dof)}"
+                )
+            sym = bool(jnp.allclose(scale, scale.T))
+            if not sym or not bool(jnp.all(jnp.isfinite(jnp.linalg.cholesky(scale)))):
+                raise ValueError("scale must be a symmetric positive-definite (D, D) matrix")
+
+    @classmethod
+    def from_data(cls, x: Float[Array, "N D"], **kwargs: Any) -> "GaussianMixturePrior":
+        """Defaults as scikit-learn's ``BayesianGaussianMixture``: $m_0$ the data mean,
+        $\\Psi_0$ the data covariance, $\\nu_0 = D$, $\\kappa_0 = 1$; ``kwargs`` override."""
+        x = jnp.asarray(x, _float_dtype(x))
+        if x.ndim != 2:
+            raise ValueError(f"x has shape {x.shape}, expected (N, D)")
+        centred = x - jnp.mean(x, axis=0)[None]
+        kwargs.setdefault("mean", jnp.mean(x, axis=0))
+        kwargs.setdefault("scale", centred.T @ centred / max(x.shape[0] - 1, 1))
+        return cls(x.shape[1], **kwargs)
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    def _cast(self, model: GaussianMixture) -> "GaussianMixturePrior":
+        if model.dim != self.dim:
+            raise ValueError(
+                f"the prior has dimension D={self.dim} but the model has D={model.dim}"
+            )
+        k = model.num_components
+        if self.concentration.ndim == 1 and self.concentration.shape[0] != k:
+            raise ValueError(
+                f"concentration has shape {self.concentration.shape}, expected (K,) = ({k},)"
+            )
+        dtype = model.loc.dtype
+        prior = jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
+        return eqx.tree_at(
+            lambda p: p.concentration, prior, jnp.broadcast_to(prior.concentration, (k,))
+        )
+
+    def __call__(self, model: GaussianMixture) -> Scalar:
+        r"""$\log p(\theta)$: Dirichlet on $w$, NIW (diag: normal-inverse-gamma) per component."""
+        p = self._cast(model)
+        d = model.dim
+        alpha, m0, kappa, nu, psi = p.concentration, p.mean, p.mean_precision, p.dof, p.scale
+        log_dir = (
+            jss.gammaln(jnp.sum(alpha))
+            - jnp.sum(jss.gammaln(alpha))
+            + jnp.sum((alpha - 1) * model.log_weights)
+        )
+        factor = model._precision_factor
+        log_prec_diag = model._log_precision_diag  # sum over d: 0.5 log|Sigma^{-1}|
+        dm = model.loc - m0[None]
+        if model.covariance_type == "diag":
+            a, b = nu / 2, jnp.diagonal(psi)[None] / 2
+            prec = factor**2
+            log_normal = (
+                0.5 * jnp.log(kappa) - 0.5 * _LOG_2PI + log_prec_diag - 0.5 * kappa * dm**2 * prec
+            )
+            log_ig = a * jnp.log(b) - jss.gammaln(a) + 2 * (a + 1) * log_prec_diag - b * prec
+            return log_dir + jnp.sum(log_normal + log_ig)
+        half_log_det_prec = jnp.sum(log_prec_diag, axis=-1)  # (K,)
+        y = jnp.einsum("kij,kj->ki", factor, dm)
+        log_normal = (
+            0.5 * d * (jnp.log(kappa) - _LOG_2PI)
+            + half_log_det_prec
+            - 0.5 * kappa * jnp.sum(y**2, -1)
+        )
+        trace = jnp.einsum("kai,ij,kaj->k", factor, psi, factor)  # tr(Psi Sigma^-1)
+        log_iw = (
+            0.5 * nu * jnp.linalg.slogdet(psi)[1]
+            - 0.5 * nu * d * math.log(2.0)
+            - jss.multigammaln(nu / 2, d)
+            + (nu + d + 1) * half_log_det_prec
+            - 0.5 * trace
+        )
+        return log_dir + jnp.sum(log_normal + log_iw)
