@@ -43,7 +43,7 @@ def _is_concrete(*arrays: Any) -> bool:
 
 def _float_dtype(*arrays: Any) -> Any:
     """The floating dtype the inputs agree on (NumPy promotion), canonicalised by JAX."""
-    kinds = [np.dtype(getattr(a, "dtype", np.asarray(a).dtype)) for a in arrays]
+    kinds = [np.dtype(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype) for a in arrays]
     floats = [k for k in kinds if k.kind == "f"]
     dtype = np.result_type(*floats) if floats else jnp.zeros(()).dtype
     return jnp.zeros((), dtype).dtype
