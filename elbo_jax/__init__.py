@@ -4,23 +4,46 @@ on one free energy."""
 import importlib.metadata
 
 from . import models as models
-from ._fit import FitResult as FitResult, Status as Status, fit as fit
-from ._latent import AbstractLatent as AbstractLatent, Discrete as Discrete, Real as Real
+from ._fit import FitResult as FitResult
+from ._fit import Status as Status
+from ._fit import fit as fit
+from ._latent import AbstractLatent as AbstractLatent
+from ._latent import Discrete as Discrete
+from ._latent import Real as Real
 from ._model import Model as Model
-from ._objective import free_energy as free_energy, log_evidence as log_evidence
+from ._objective import free_energy as free_energy
+from ._objective import log_evidence as log_evidence
 from ._q import (
     AbstractQ as AbstractQ,
+)
+from ._q import (
     Categorical as Categorical,
+)
+from ._q import (
     ExactPosterior as ExactPosterior,
+)
+from ._q import (
     Gaussian as Gaussian,
+)
+from ._q import (
     PointMass as PointMass,
 )
 from ._steps import (
     AbstractEStep as AbstractEStep,
+)
+from ._steps import (
     AbstractMStep as AbstractMStep,
+)
+from ._steps import (
     ExactEStep as ExactEStep,
+)
+from ._steps import (
     ExactMStep as ExactMStep,
+)
+from ._steps import (
     GradientEStep as GradientEStep,
+)
+from ._steps import (
     GradientMStep as GradientMStep,
 )
 

@@ -11,4 +11,15 @@ Data: TypeAlias = Any  # an array (or pytree of arrays) whose leading axis index
 Stats: TypeAlias = PyTree
 Key: TypeAlias = PRNGKeyArray
 
-__all__ = ["Array", "Data", "Float", "Int", "Key", "LogTable", "PerDatum", "PyTree", "Scalar", "Stats"]
+__all__ = [
+    "Array",
+    "Data",
+    "Float",
+    "Int",
+    "Key",
+    "LogTable",
+    "PerDatum",
+    "PyTree",
+    "Scalar",
+    "Stats",
+]

@@ -31,13 +31,16 @@ class Status(enum.IntEnum):
     def message(self) -> str:
         return _MESSAGES[self]
 
+    def __str__(self) -> str:
+        return self.name
+
 
 _MESSAGES = {
     Status.RUNNING: "the fit has not finished",
     Status.CONVERGED: "converged: the free energy per datum changed by less than tol",
     Status.MAX_ITERS: "stopped at max_iters before the free energy settled to within tol",
     Status.NONFINITE: (
-        "stopped: a step made the free energy or the parameters non-finite; "
+        "a step made the free energy or the parameters non-finite; "
         "the model and q are those of the last finite iteration"
     ),
 }
@@ -105,16 +108,17 @@ def _table(model: Model, x: Data, use_table: bool) -> Array | None:
 
 @eqx.filter_jit
 def _initialize(model: Model, q: AbstractQ, x: Data, config: _Config, key: Key) -> _State:
-    key, init_key, f_key = jr.split(key, 3)
+    key, init_key, e_key, f_key = jr.split(key, 4)
     q = q.initialize(model, x, key=init_key)
     table = _table(model, x, config.use_table)
-    if config.e_step.exact:
-        q = q.exact_update(model, x, table=table)
+    # Coordinate descent starts with an E-step, so the first M-step sees a q fitted to the
+    # initial model (a uniform or zero-mean q would make every component look alike).
+    q, e_state = config.e_step.step(model, q, config.e_step.init(q), x, key=e_key, table=table)
     objective = _free_energy(model, q, x, key=f_key, prior=config.prior, table=table)
     return _State(
         model=model,
         q=q,
-        e_state=config.e_step.init(q),
+        e_state=e_state,
         m_state=config.m_step.init(model),
         key=key,
         objective=objective,
@@ -129,7 +133,9 @@ def _initialize(model: Model, q: AbstractQ, x: Data, config: _Config, key: Key) 
 def _iterate(state: _State, x: Data, config: _Config, tol: Array) -> _State:
     """One coordinate-descent iteration: M-step on θ, then E-step on q, then F(q, θ)."""
     key, m_key, e_key, f_key = jr.split(state.key, 4)
-    model, m_state = config.m_step.step(state.model, state.q, state.m_state, x, key=m_key, prior=config.prior)
+    model, m_state = config.m_step.step(
+        state.model, state.q, state.m_state, x, key=m_key, prior=config.prior
+    )
     table = _table(model, x, config.use_table)
     q, e_state = config.e_step.step(model, state.q, state.e_state, x, key=e_key, table=table)
     objective = _free_energy(model, q, x, key=f_key, prior=config.prior, table=table)
@@ -171,6 +177,10 @@ def _run(state: _State, x: Data, config: _Config, tol: Array, stop_at: Array) ->
         return (s.status == Status.RUNNING) & (s.iteration < stop_at)
 
     return jax.lax.while_loop(cond, lambda s: _iterate(s, x, config, tol), state)
+
+
+def _is_inexact_struct(leaf: Any) -> bool:
+    return isinstance(leaf, jax.ShapeDtypeStruct) and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
 def _resolve_e_step(e_step: Any, q: AbstractQ) -> AbstractEStep:
@@ -253,10 +263,14 @@ def fit(
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     if prior is not None and not callable(prior):
-        raise TypeError(f"prior must be a callable prior(model) -> log p(theta), or None; got {prior!r}")
+        raise TypeError(
+            f"prior must be a callable prior(model) -> log p(theta), or None; got {prior!r}"
+        )
     q = ExactPosterior() if q is None else q
     if not isinstance(q, AbstractQ):
-        raise TypeError(f"q must be an elbo_jax recognition family such as ej.ExactPosterior(), got {q!r}")
+        raise TypeError(
+            f"q must be an elbo_jax recognition family such as ej.ExactPosterior(), got {q!r}"
+        )
     x = prepare_data(model, x)
     check_log_joint(model, x)
     q.check(model.latent, num_data(x))
@@ -270,9 +284,9 @@ def fit(
             )
         key = jr.key(0)  # deterministic steps draw nothing from it
 
-    q_init = q.initialize(model, x, key=key)
     if isinstance(e_step, _OptaxStep):
-        params, _ = eqx.partition(q_init, eqx.is_inexact_array)
+        q_shape = eqx.filter_eval_shape(q.initialize, model, x, key=key)
+        params, _ = eqx.partition(q_shape, _is_inexact_struct)
         if not jax.tree_util.tree_leaves(params):
             raise TypeError(
                 f"e_step=GradientEStep needs a q with continuous parameters, but {type(q).__name__} "
@@ -291,7 +305,7 @@ def fit(
         use_table=isinstance(model.latent, Discrete),
     )
     dtype = float_dtype(model)
-    state = _initialize(model, q_init, x, config, key)
+    state = _initialize(model, q, x, config, key)
     if not bool(jnp.isfinite(state.objective)):
         raise ValueError(
             f"the initial model and q give a non-finite free energy ({float(state.objective)}); "
@@ -331,14 +345,18 @@ def fit(
     )
 
 
-def _run_with_progress(state: _State, x: Data, config: _Config, tol: Array, max_iters: int) -> _State:
+def _run_with_progress(
+    state: _State, x: Data, config: _Config, tol: Array, max_iters: int
+) -> _State:
     from tqdm.auto import tqdm
 
     chunk = max(1, math.ceil(max_iters / 100))
     with tqdm(total=max_iters, desc="elbo_jax.fit", unit="it") as bar:
         done = 0
         while done < max_iters:
-            state = _run(state, x, config, tol, jnp.asarray(min(done + chunk, max_iters), jnp.int32))
+            state = _run(
+                state, x, config, tol, jnp.asarray(min(done + chunk, max_iters), jnp.int32)
+            )
             now = int(state.iteration)
             bar.update(now - done)
             bar.set_postfix(elbo=f"{-float(state.objective):.6g}")

@@ -39,7 +39,9 @@ class Real(AbstractLatent):
     model's own ``posterior`` hook for an exact E-step.
     """
 
-    shape: tuple[int, ...] = eqx.field(static=True, converter=lambda s: (s,) if isinstance(s, int) else tuple(s))
+    shape: tuple[int, ...] = eqx.field(
+        static=True, converter=lambda s: (s,) if isinstance(s, int) else tuple(s)
+    )
 
     def __check_init__(self):
         if any((not isinstance(s, int)) or s < 1 for s in self.shape):

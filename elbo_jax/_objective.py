@@ -2,7 +2,8 @@ r"""The one objective: the variational free energy $F(q, \theta)$, and $\log p(x
 
 from collections.abc import Callable
 
-
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 
 from ._custom_types import Data, Key, LogTable, Scalar
@@ -12,6 +13,7 @@ from ._q import AbstractQ, num_data
 Prior = Callable[[Model], Scalar] | None
 
 
+@eqx.filter_jit
 def free_energy(
     model: Model,
     q: AbstractQ,
@@ -46,6 +48,11 @@ def free_energy(
     ```
     """
     q = q.resolve(model, x)
+    if any(leaf is None for leaf in jax.tree_util.tree_leaves(q, is_leaf=lambda v: v is None)):
+        raise ValueError(
+            f"q={type(q).__name__}() has no parameters yet: pass a realised q such as "
+            "ej.Categorical(logits), or q.initialize(model, x)"
+        )
     q.check(model.latent, num_data(x))
     return _free_energy(model, q, x, key=key, prior=prior)
 
@@ -68,6 +75,7 @@ def _free_energy(
     return value
 
 
+@eqx.filter_jit
 def log_evidence(model: Model, x: Data) -> Scalar:
     r"""The log-evidence per datum, $\frac1N\sum_n \log p(x_n \mid \theta)$.
 
@@ -75,5 +83,3 @@ def log_evidence(model: Model, x: Data) -> Scalar:
     otherwise (``NotImplementedError`` if it has none).
     """
     return jnp.mean(model.log_marginal(x))
-
-

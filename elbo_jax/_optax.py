@@ -47,7 +47,8 @@ def _zero_value_fn(params: Any) -> jax.Array:
 
 def _canonical(closed_jaxpr: Any) -> tuple:
     consts = tuple(
-        (np.shape(c), str(np.asarray(c).dtype), np.asarray(c).tobytes()) for c in closed_jaxpr.consts
+        (np.shape(c), str(np.asarray(c).dtype), np.asarray(c).tobytes())
+        for c in closed_jaxpr.consts
     )
     return (str(closed_jaxpr.jaxpr), consts)
 

@@ -278,9 +278,13 @@ class Gaussian(AbstractQ):
 
     def __check_init__(self):
         if self.covariance_type not in ("full", "diag"):
-            raise ValueError(f"covariance_type must be 'full' or 'diag', got {self.covariance_type!r}")
+            raise ValueError(
+                f"covariance_type must be 'full' or 'diag', got {self.covariance_type!r}"
+            )
         if self.expectation not in ("cubature", "monte_carlo"):
-            raise ValueError(f"expectation must be 'cubature' or 'monte_carlo', got {self.expectation!r}")
+            raise ValueError(
+                f"expectation must be 'cubature' or 'monte_carlo', got {self.expectation!r}"
+            )
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
 
@@ -342,7 +346,9 @@ class Gaussian(AbstractQ):
             )
         return Gaussian(
             posterior.mean,
-            posterior.raw_scale if posterior.covariance_type == "full" else _diag_embed(posterior.raw_scale),
+            posterior.raw_scale
+            if posterior.covariance_type == "full"
+            else _diag_embed(posterior.raw_scale),
             covariance_type="full",
             expectation=self.expectation,
             num_samples=self.num_samples,
@@ -353,7 +359,9 @@ class Gaussian(AbstractQ):
         n, d = self.mean.shape
         scale = self.scale_tril
         if self.expectation == "cubature":
-            unit = math.sqrt(d) * jnp.concatenate([jnp.eye(d), -jnp.eye(d)], axis=0).astype(self.mean.dtype)
+            unit = math.sqrt(d) * jnp.concatenate([jnp.eye(d), -jnp.eye(d)], axis=0).astype(
+                self.mean.dtype
+            )
             return self.mean[:, None, :] + jnp.einsum("nij,sj->nsi", scale, unit)
         if key is None:
             raise ValueError(
@@ -385,7 +393,9 @@ class Gaussian(AbstractQ):
             return
         d = latent.size
         if self.mean.shape != (n, d):
-            raise ValueError(f"Gaussian mean has shape {self.mean.shape}, expected (N, d) = {(n, d)}")
+            raise ValueError(
+                f"Gaussian mean has shape {self.mean.shape}, expected (N, d) = {(n, d)}"
+            )
         raw_shape = (n, d) if self.covariance_type == "diag" else (n, d, d)
         if self.raw_scale is None or self.raw_scale.shape != raw_shape:
             got = None if self.raw_scale is None else self.raw_scale.shape

@@ -24,7 +24,9 @@ def _maybe_fold(key: Key | None, i: Any) -> Key | None:
     return None if key is None else jr.fold_in(key, i)
 
 
-def _optax_steps(optimizer: Any, num_steps: int, loss: Any, params: Any, opt_state: Any, key: Key | None):
+def _optax_steps(
+    optimizer: Any, num_steps: int, loss: Any, params: Any, opt_state: Any, key: Key | None
+):
     """``num_steps`` optax updates of ``params`` on ``loss(params, key)``, in a ``fori_loop``."""
     loss = _optax.user_promotion(loss)
 
@@ -45,7 +47,11 @@ class _OptaxStep(eqx.Module):
     num_steps: int = eqx.field(static=True, default=1)
 
     def __check_init__(self):
-        if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1:
+        if (
+            not isinstance(self.num_steps, int)
+            or isinstance(self.num_steps, bool)
+            or self.num_steps < 1
+        ):
             raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
         opt = self.optimizer
         if isinstance(opt, _optax.HashableOptimizer):
@@ -83,7 +89,14 @@ class AbstractEStep(eqx.Module):
 
     @abc.abstractmethod
     def step(
-        self, model: Model, q: AbstractQ, state: Any, x: Data, *, key: Key | None, table: LogTable | None
+        self,
+        model: Model,
+        q: AbstractQ,
+        state: Any,
+        x: Data,
+        *,
+        key: Key | None,
+        table: LogTable | None,
     ) -> tuple[AbstractQ, Any]:
         """One E-step: a new q and step state."""
 
@@ -186,7 +199,9 @@ class ExactMStep(AbstractMStep):
         params, static = _split_params(model)
         q = jax.lax.stop_gradient(q)
         loss = _m_loss(static, q, x, prior)
-        params = minimize_lbfgs(lambda p: loss(p, key), params, max_steps=self.max_steps, tol=self.tol)
+        params = minimize_lbfgs(
+            lambda p: loss(p, key), params, max_steps=self.max_steps, tol=self.tol
+        )
         return eqx.combine(params, static), state
 
 
@@ -224,7 +239,9 @@ def _minimize_lbfgs(fn: Any, params: Any, max_steps: int, tol: float) -> Any:
     def body(carry):
         params, opt_state, i, value, _ = carry
         value_now, grads = value_and_grad(params, state=opt_state)
-        updates, new_state = opt.update(grads, opt_state, params, value=value_now, grad=grads, value_fn=fn)
+        updates, new_state = opt.update(
+            grads, opt_state, params, value=value_now, grad=grads, value_fn=fn
+        )
         new_params = optax.apply_updates(params, updates)
         new_value = optax.tree_utils.tree_get(new_state, "value")
         good = jnp.isfinite(new_value) & (new_value <= value)
@@ -233,7 +250,9 @@ def _minimize_lbfgs(fn: Any, params: Any, max_steps: int, tol: float) -> Any:
         small = (value - new_value) <= tol * (1 + jnp.abs(new_value))
         done = ~good | grad_zero | ((i >= 3) & small)
         params, opt_state, value = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(good, new, old), (new_params, new_state, new_value), (params, opt_state, value)
+            lambda new, old: jnp.where(good, new, old),
+            (new_params, new_state, new_value),
+            (params, opt_state, value),
         )
         return params, opt_state, i + 1, value, done
 

@@ -12,7 +12,9 @@ from ._model import Model, float_dtype
 
 def check_model(model: Any) -> Model:
     if not isinstance(model, Model):
-        raise TypeError(f"model must be an instance of an ej.Model subclass, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be an instance of an ej.Model subclass, got {type(model).__name__}"
+        )
     return model
 
 
@@ -52,7 +54,9 @@ def prepare_data(model: Model, x: Any) -> Any:
         out.append(arr)
     n = {leaf.shape[0] for leaf in out}
     if len(n) > 1:
-        raise ValueError(f"x has leaves with different numbers of data along the leading axis: {sorted(n)}")
+        raise ValueError(
+            f"x has leaves with different numbers of data along the leading axis: {sorted(n)}"
+        )
     x = jax.tree_util.tree_unflatten(treedef, out)
     model.check_data(x)
     return x
@@ -66,7 +70,9 @@ def check_log_joint(model: Model, x: Any) -> None:
     elif isinstance(latent, Real):
         z = jax.ShapeDtypeStruct(latent.shape, float_dtype(model))
     else:
-        raise TypeError(f"{type(model).__name__}.latent must be ej.Discrete(...) or ej.Real(...), got {latent!r}")
+        raise TypeError(
+            f"{type(model).__name__}.latent must be ej.Discrete(...) or ej.Real(...), got {latent!r}"
+        )
     name = type(model).__name__
     x0 = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), x)
     shapes = jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), x)
