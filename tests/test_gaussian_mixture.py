@@ -194,14 +194,11 @@ def _assert_same_model(a, b, rtol):
     np.testing.assert_allclose(a.covariances, b.covariances, rtol=rtol, atol=rtol)
 
 
-# Core issue: elbo_jax/_steps.py (minimize_lbfgs) calls optax.tree_utils.tree_l2_norm,
-# deprecated since optax 0.2.5; the warning is not ours to fix here.
-@pytest.mark.filterwarnings("ignore:optax.tree_utils.tree_l2_norm is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("covariance_type, with_prior", [("diag", False), ("full", True)])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("with_prior", [False, True])
 def test_closed_form_m_step_equals_numerical(covariance_type, with_prior):
-    """L-BFGS on F over the unconstrained parameters finds the closed form. (Each case costs
-    a compile of the solver; the other two are covered by ``..._is_stationary`` below and,
-    for full ML, by the agreement with scikit-learn.)"""
+    """L-BFGS on F over the unconstrained parameters finds the closed form: ML and MAP,
+    full and diag."""
     model, q, x = _m_step_problem(covariance_type)
     prior = _test_prior() if with_prior else None
     closed = _closed_form_m_step(model, q, x, prior)
