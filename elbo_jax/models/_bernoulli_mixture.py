@@ -11,7 +11,7 @@ closed form too.
 """
 
 import math
-from typing import Any
+from typing import Any, final
 
 import equinox as eqx
 import jax
@@ -20,27 +20,25 @@ import jax.random as jr
 import numpy as np
 
 from .._custom_types import Array, Data, Float, Int, Key, LogTable, Scalar, Stats
-from .._latent import Discrete
-from .._model import Model
 from .._q import AbstractQ
+from ._mixture import (
+    AbstractMixture,
+    _check_data,
+    _check_num_components,
+    _check_weights,
+    _float_dtype,
+    _is_concrete,
+    _keep_where_empty,
+    _log_symmetric_dirichlet,
+    _responsibilities,
+    _weight_logits,
+)
 
 DEFAULT_MIN_PROB = 1e-6
 """Default floor (and ``1 - min_prob`` ceiling) on the Bernoulli probabilities."""
 
 
 # --------------------------------------------------------------------------- helpers
-def _is_concrete(a: Any) -> bool:
-    return not isinstance(a, jax.core.Tracer)
-
-
-def _float_dtype(*arrays: Array) -> Any:
-    """The promoted floating dtype of ``arrays`` (the default float if none is floating)."""
-    floats = [a.dtype for a in arrays if jnp.issubdtype(a.dtype, jnp.floating)]
-    if not floats:
-        return jnp.result_type(float)
-    return jax.dtypes.canonicalize_dtype(np.result_type(*floats))
-
-
 def _max_logit(min_prob: float) -> float:
     """$\\mathrm{logit}(1 - \\epsilon)$: the largest logit magnitude allowed by ``min_prob``."""
     return math.log1p(-min_prob) - math.log(min_prob)
@@ -57,67 +55,15 @@ def _check_min_prob(value: Any) -> float:
     return float(value)
 
 
-def _check_weights(weights: Array) -> None:
-    """``weights`` must be a 1-D vector of positive numbers summing to one."""
-    if weights.ndim != 1 or weights.shape[0] < 1:
-        raise ValueError(f"weights has shape {weights.shape}, expected (K,) with K >= 1")
-    if _is_concrete(weights):
-        w = np.asarray(weights, np.float64)
-        tol = math.sqrt(float(jnp.finfo(weights.dtype).eps))
-        if not (np.all(np.isfinite(w)) and np.all(w > 0) and abs(w.sum() - 1) <= tol):
-            raise ValueError(
-                f"weights must be a probability vector (positive entries summing to 1), got {w}"
-            )
-
-
-def _check_num_components(num_components: Any, n: int) -> int:
-    k = num_components
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"num_components must be a positive int, got {k!r}")
-    if k > n:
-        raise ValueError(f"num_components={k} is larger than the number of data N={n}")
-    return int(k)
+def _binary_entries(x: Any) -> tuple[np.ndarray, np.ndarray]:
+    v = np.asarray(x)
+    return v, (v == 0) | (v == 1)
 
 
 def _check_binary(x: Any, dim: int | None) -> None:
     """``x`` must be ``(N, D)`` (with the model's ``D``), entries in {0, 1}."""
-    shape = jnp.shape(x)
-    if len(shape) != 2 or (dim is not None and shape[1] != dim):
-        want = "(N, D)" if dim is None else f"(N, D) with D={dim}"
-        raise ValueError(f"x has shape {shape}, expected {want}")
-    if shape[0] < 1:
-        raise ValueError(f"x has shape {shape}: there are no data (N = 0)")
-    if _is_concrete(x):
-        v = np.asarray(x)
-        if not np.all((v == 0) | (v == 1)):
-            bad = np.argwhere(~((v == 0) | (v == 1)))[0]
-            raise ValueError(
-                "x must be binary (entries 0 or 1) for a BernoulliMixture, got "
-                f"x[{int(bad[0])}, {int(bad[1])}] = {v[tuple(bad)]}"
-            )
-
-
-def _responsibilities(model: Model, x: Data, q: AbstractQ) -> Array:
-    q = q.resolve(model, x)
-    probs = getattr(q, "probs", None)
-    if probs is None:
-        raise TypeError(
-            f"sufficient_statistics needs a q with responsibilities `.probs` (N, K), such as "
-            f"ej.Categorical or ej.PointMass, got {type(q).__name__}"
-        )
-    return probs
-
-
-def _keep_where_empty(denominator: Array, new: Array, old: Array) -> Array:
-    """Row ``k`` of ``new`` where ``denominator[k]`` is a positive normal number, else ``old``."""
-    ok = denominator > jnp.finfo(denominator.dtype).tiny
-    return jnp.where(ok[:, None], new, old)
-
-
-def _weight_logits(counts: Array) -> Array:
-    """$\\log \\pi_k$, $\\pi_k \\propto$ ``counts``; zero counts get the smallest normal."""
-    tiny = jnp.finfo(counts.dtype).tiny
-    return jnp.log(jnp.maximum(counts, tiny)) - jnp.log(jnp.sum(counts))
+    requirement = "x must be binary (entries 0 or 1) for a BernoulliMixture"
+    _check_data(x, dim, _binary_entries, requirement)
 
 
 # --------------------------------------------------------------------------- prior
@@ -166,10 +112,7 @@ class BernoulliMixturePrior(eqx.Module):
             )
         alpha, a, b = float(self.concentration), float(self.a), float(self.b)
         k, d = model.num_components, model.dim
-        log_w = jax.nn.log_softmax(model.weight_logits)
-        log_dirichlet = (
-            math.lgamma(k * alpha) - k * math.lgamma(alpha) + (alpha - 1) * jnp.sum(log_w)
-        )
+        log_dirichlet = _log_symmetric_dirichlet(model.log_weights, alpha)
         log_beta_fn = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
         log_beta = (a - 1) * jnp.sum(jax.nn.log_sigmoid(model.logits)) + (b - 1) * jnp.sum(
             jax.nn.log_sigmoid(-model.logits)
@@ -178,7 +121,8 @@ class BernoulliMixturePrior(eqx.Module):
 
 
 # --------------------------------------------------------------------------- model
-class BernoulliMixture(Model):
+@final
+class BernoulliMixture(AbstractMixture):
     r"""A mixture of $K$ products of $D$ Bernoullis, for binary data $x \in \{0,1\}^D$.
 
     $$\log p(x, z{=}k \mid \theta) = \log \pi_k + \sum_{d=1}^D \big[x_d \log \mu_{kd}
@@ -240,49 +184,32 @@ class BernoulliMixture(Model):
 
     # ------------------------------------------------------------ properties
     @property
-    def latent(self) -> Discrete:
-        """``ej.Discrete(K)``."""
-        return Discrete(self.weight_logits.shape[0])
-
-    @property
-    def num_components(self) -> int:
-        """$K$."""
-        return self.weight_logits.shape[0]
-
-    @property
     def dim(self) -> int:
         """$D$, the number of binary variables per datum."""
         return self.logits.shape[1]
-
-    @property
-    def weights(self) -> Float[Array, " K"]:
-        r"""$\pi = \mathrm{softmax}$(``weight_logits``)."""
-        return jax.nn.softmax(self.weight_logits)
 
     @property
     def probs(self) -> Float[Array, "K D"]:
         r"""$\mu = \sigma$(``logits``)."""
         return jax.nn.sigmoid(self.logits)
 
-    def _cast(self, x: Data) -> Array:
+    def _as_data(self, x: Data) -> Array:
         return jnp.asarray(x).astype(self.logits.dtype)
 
     # ------------------------------------------------------------ densities
     def log_joint(self, x: Float[Array, " D"], z: Int[Array, ""]) -> Scalar:
         r"""$\log \pi_z + \sum_d [x_d \log \mu_{zd} + (1 - x_d) \log(1 - \mu_{zd})]$, one datum."""
-        x = self._cast(x)
+        x = self._as_data(x)
         logits = self.logits[z]
-        log_w = jax.nn.log_softmax(self.weight_logits)[z]
+        log_w = self.log_weights[z]
         return log_w + jnp.sum(
             x * jax.nn.log_sigmoid(logits) + (1 - x) * jax.nn.log_sigmoid(-logits)
         )
 
     def log_joint_table(self, x: Data) -> LogTable:
         r"""$T_{nk} = \log p(x_n, z{=}k)$, shape ``(N, K)``, by one matmul (see the class docs)."""
-        x = self._cast(x)
-        offset = jax.nn.log_softmax(self.weight_logits) + jnp.sum(
-            jax.nn.log_sigmoid(-self.logits), axis=-1
-        )
+        x = self._as_data(x)
+        offset = self.log_weights + jnp.sum(jax.nn.log_sigmoid(-self.logits), axis=-1)
         return x @ self.logits.T + offset[None, :]
 
     def check_data(self, x: Data) -> None:
@@ -298,7 +225,7 @@ class BernoulliMixture(Model):
         r"""``{"counts": N_k (K,), "sums": S_kd (K, D)}`` with $N_k = \sum_n r_{nk}$ and
         $S_{kd} = \sum_n r_{nk} x_{nd}$, $r_{nk} = q_n(z{=}k)$. Additive over data."""
         r = _responsibilities(self, x, q).astype(self.logits.dtype)
-        return {"counts": jnp.sum(r, axis=0), "sums": r.T @ self._cast(x)}
+        return {"counts": jnp.sum(r, axis=0), "sums": r.T @ self._as_data(x)}
 
     def maximize(self, stats: Stats, prior: Any = None) -> "BernoulliMixture":
         r"""The closed-form (MAP) M-step from ``sufficient_statistics``.
@@ -327,14 +254,6 @@ class BernoulliMixture(Model):
         return eqx.tree_at(lambda m: (m.weight_logits, m.logits), self, (weight_logits, logits))
 
     # ------------------------------------------------------------ use
-    def predict_proba(self, x: Data) -> Float[Array, "N K"]:
-        r"""Responsibilities $p(z{=}k \mid x_n)$, shape ``(N, K)``."""
-        return jax.nn.softmax(self.log_joint_table(x), axis=-1)
-
-    def predict(self, x: Data) -> Int[Array, " N"]:
-        r"""The most probable component $\arg\max_k p(z{=}k \mid x_n)$, shape ``(N,)``."""
-        return jnp.argmax(self.log_joint_table(x), axis=-1)
-
     def sample(self, key: Key, n: int) -> tuple[Float[Array, "N D"], Int[Array, " N"]]:
         """``n`` draws ``(x, z)``: ``x`` ``(n, D)`` in the model's float dtype, ``z`` ``(n,)``."""
         key_z, key_x = jr.split(key)

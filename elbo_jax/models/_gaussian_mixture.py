@@ -14,9 +14,8 @@ import jax.scipy.special as jss
 import numpy as np
 
 from .._custom_types import Array, Float, Int, Key, LogTable, Scalar
-from .._latent import Discrete
-from .._model import Model
 from .._objective import log_evidence
+from ._mixture import AbstractMixture, _check_data_shape, _is_concrete
 
 _LOG_2PI = math.log(2 * math.pi)
 _COVARIANCE_TYPES = ("full", "diag")
@@ -37,12 +36,13 @@ def _diag_embed(v: Array) -> Array:
     return v[..., :, None] * jnp.broadcast_to(_eye(d, v.dtype), (*v.shape, d))
 
 
-def _is_concrete(*arrays: Any) -> bool:
-    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
-
-
 def _float_dtype(*arrays: Any) -> Any:
-    """The floating dtype the inputs agree on (NumPy promotion), canonicalised by JAX."""
+    """The floating dtype the inputs agree on (NumPy promotion), canonicalised by JAX.
+
+    Unlike ``_mixture._float_dtype`` this takes lists and scalars too, and counts only
+    NumPy's kind ``"f"`` as floating: a ``bfloat16`` input gives the default float, which
+    the Cholesky factorisation needs (it has no ``bfloat16`` kernel).
+    """
     kinds = [np.dtype(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype) for a in arrays]
     floats = [k for k in kinds if k.kind == "f"]
     dtype = np.result_type(*floats) if floats else jnp.zeros(()).dtype
@@ -75,7 +75,7 @@ def _precision_factor_from_covariance(cov: Array, covariance_type: str) -> Array
 
 # --------------------------------------------------------------------------- model
 @final
-class GaussianMixture(Model):
+class GaussianMixture(AbstractMixture):
     r"""A mixture of $K$ Gaussians in $D$ dimensions.
 
     $$p(x, z{=}k \mid \theta) = w_k\,\mathcal N(x \mid \mu_k, \Sigma_k),\qquad
@@ -168,26 +168,8 @@ class GaussianMixture(Model):
 
     # ------------------------------------------------------------- parameters
     @property
-    def latent(self) -> Discrete:
-        return Discrete(self.num_components)
-
-    @property
-    def num_components(self) -> int:
-        return self.loc.shape[0]
-
-    @property
     def dim(self) -> int:
         return self.loc.shape[1]
-
-    @property
-    def log_weights(self) -> Float[Array, " K"]:
-        r"""$\log w_k$, normalised."""
-        return jax.nn.log_softmax(self.weight_logits)
-
-    @property
-    def weights(self) -> Float[Array, " K"]:
-        """Mixture weights $w_k$, shape ``(K,)``."""
-        return jax.nn.softmax(self.weight_logits)
 
     @property
     def means(self) -> Float[Array, "K D"]:
@@ -372,22 +354,11 @@ class GaussianMixture(Model):
             raise ValueError(f"num_components K={k} is larger than the number of data N={n} in x")
 
     def _check_shape(self, x: Any) -> None:
-        shape = tuple(np.shape(x))
-        if len(shape) != 2 or shape[1] != self.dim:
-            raise ValueError(f"x has shape {shape}, expected (N, D) with D={self.dim}")
+        _check_data_shape(tuple(np.shape(x)), self.dim)
 
     def _as_data(self, x: Any) -> Array:
         self._check_shape(x)
         return jnp.asarray(x, self.loc.dtype)
-
-    def predict_proba(self, x: Float[Array, "N D"]) -> Float[Array, "N K"]:
-        r"""Responsibilities $p(z{=}k \mid x_n, \theta)$, shape ``(N, K)``."""
-        table = self.log_joint_table(self._as_data(x))
-        return jax.nn.softmax(table, axis=-1)
-
-    def predict(self, x: Float[Array, "N D"]) -> Int[Array, " N"]:
-        r"""The most probable component $\arg\max_k p(z{=}k \mid x_n)$, shape ``(N,)``."""
-        return jnp.argmax(self.log_joint_table(self._as_data(x)), axis=-1)
 
     def score(self, x: Float[Array, "N D"]) -> Scalar:
         r"""Mean log-likelihood $\frac1N\sum_n\log p(x_n\mid\theta)$ (``ej.log_evidence``)."""

@@ -11,37 +11,34 @@ closed form too.
 """
 
 import math
-from typing import Any
+from typing import Any, final
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.scipy.special as jss
 import numpy as np
 
 from .._custom_types import Array, Data, Float, Int, Key, LogTable, Scalar, Stats
-from .._latent import Discrete
-from .._model import Model
 from .._q import AbstractQ
+from ._mixture import (
+    AbstractMixture,
+    _check_data,
+    _check_num_components,
+    _check_weights,
+    _float_dtype,
+    _is_concrete,
+    _keep_where_empty,
+    _log_symmetric_dirichlet,
+    _responsibilities,
+    _weight_logits,
+)
 
 DEFAULT_MIN_RATE = 1e-6
 """Default floor on the Poisson rates set by the closed-form M-step."""
 
 
 # --------------------------------------------------------------------------- helpers
-def _is_concrete(a: Any) -> bool:
-    return not isinstance(a, jax.core.Tracer)
-
-
-def _float_dtype(*arrays: Array) -> Any:
-    """The promoted floating dtype of ``arrays`` (the default float if none is floating)."""
-    floats = [a.dtype for a in arrays if jnp.issubdtype(a.dtype, jnp.floating)]
-    if not floats:
-        return jnp.result_type(float)
-    return jax.dtypes.canonicalize_dtype(np.result_type(*floats))
-
-
 def _check_positive_number(name: str, value: Any, *, at_least_one: bool = False) -> float:
     bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
     if bad or (value < 1 if at_least_one else value <= 0):
@@ -50,62 +47,15 @@ def _check_positive_number(name: str, value: Any, *, at_least_one: bool = False)
     return float(value)
 
 
-def _check_weights(weights: Array) -> None:
-    """``weights`` must be a 1-D vector of positive numbers summing to one."""
-    if weights.ndim != 1 or weights.shape[0] < 1:
-        raise ValueError(f"weights has shape {weights.shape}, expected (K,) with K >= 1")
-    if _is_concrete(weights):
-        w = np.asarray(weights, np.float64)
-        tol = math.sqrt(float(jnp.finfo(weights.dtype).eps))
-        if not (np.all(np.isfinite(w)) and np.all(w > 0) and abs(w.sum() - 1) <= tol):
-            raise ValueError(
-                f"weights must be a probability vector (positive entries summing to 1), got {w}"
-            )
-
-
-def _check_num_components(num_components: Any, n: int) -> int:
-    k = num_components
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"num_components must be a positive int, got {k!r}")
-    if k > n:
-        raise ValueError(f"num_components={k} is larger than the number of data N={n}")
-    return int(k)
+def _count_entries(x: Any) -> tuple[np.ndarray, np.ndarray]:
+    v = np.asarray(x, np.float64)
+    return v, np.isfinite(v) & (v >= 0) & (v == np.round(v))
 
 
 def _check_counts(x: Any, dim: int | None) -> None:
     """``x`` must be ``(N, D)`` (with the model's ``D``), entries nonnegative integers."""
-    shape = jnp.shape(x)
-    if len(shape) != 2 or (dim is not None and shape[1] != dim):
-        want = "(N, D)" if dim is None else f"(N, D) with D={dim}"
-        raise ValueError(f"x has shape {shape}, expected {want}")
-    if shape[0] < 1:
-        raise ValueError(f"x has shape {shape}: there are no data (N = 0)")
-    if _is_concrete(x):
-        v = np.asarray(x, np.float64)
-        ok = np.isfinite(v) & (v >= 0) & (v == np.round(v))
-        if not np.all(ok):
-            bad = np.argwhere(~ok)[0]
-            raise ValueError(
-                "x must hold nonnegative integer counts for a PoissonMixture, got "
-                f"x[{int(bad[0])}, {int(bad[1])}] = {v[tuple(bad)]}"
-            )
-
-
-def _responsibilities(model: Model, x: Data, q: AbstractQ) -> Array:
-    q = q.resolve(model, x)
-    probs = getattr(q, "probs", None)
-    if probs is None:
-        raise TypeError(
-            f"sufficient_statistics needs a q with responsibilities `.probs` (N, K), such as "
-            f"ej.Categorical or ej.PointMass, got {type(q).__name__}"
-        )
-    return probs
-
-
-def _weight_logits(counts: Array) -> Array:
-    """$\\log \\pi_k$, $\\pi_k \\propto$ ``counts``; zero counts get the smallest normal."""
-    tiny = jnp.finfo(counts.dtype).tiny
-    return jnp.log(jnp.maximum(counts, tiny)) - jnp.log(jnp.sum(counts))
+    requirement = "x must hold nonnegative integer counts for a PoissonMixture"
+    _check_data(x, dim, _count_entries, requirement)
 
 
 # --------------------------------------------------------------------------- prior
@@ -146,17 +96,15 @@ class PoissonMixturePrior(eqx.Module):
             )
         alpha, shape, rate = float(self.concentration), float(self.shape), float(self.rate)
         k, d = model.num_components, model.dim
-        log_w = jax.nn.log_softmax(model.weight_logits)
-        log_dirichlet = (
-            math.lgamma(k * alpha) - k * math.lgamma(alpha) + (alpha - 1) * jnp.sum(log_w)
-        )
+        log_dirichlet = _log_symmetric_dirichlet(model.log_weights, alpha)
         log_gamma = (shape - 1) * jnp.sum(model.log_rates) - rate * jnp.sum(model.rates)
         log_gamma_norm = k * d * (shape * math.log(rate) - math.lgamma(shape))
         return log_dirichlet + log_gamma + log_gamma_norm
 
 
 # --------------------------------------------------------------------------- model
-class PoissonMixture(Model):
+@final
+class PoissonMixture(AbstractMixture):
     r"""A mixture of $K$ products of $D$ Poissons, for count data $x \in \mathbb N^D$.
 
     $$\log p(x, z{=}k \mid \theta) = \log \pi_k + \sum_{d=1}^D \big[x_d \log \lambda_{kd}
@@ -218,46 +166,31 @@ class PoissonMixture(Model):
 
     # ------------------------------------------------------------ properties
     @property
-    def latent(self) -> Discrete:
-        """``ej.Discrete(K)``."""
-        return Discrete(self.weight_logits.shape[0])
-
-    @property
-    def num_components(self) -> int:
-        """$K$."""
-        return self.weight_logits.shape[0]
-
-    @property
     def dim(self) -> int:
         """$D$, the number of counts per datum."""
         return self.log_rates.shape[1]
-
-    @property
-    def weights(self) -> Float[Array, " K"]:
-        r"""$\pi = \mathrm{softmax}$(``weight_logits``)."""
-        return jax.nn.softmax(self.weight_logits)
 
     @property
     def rates(self) -> Float[Array, "K D"]:
         r"""$\lambda = \exp$(``log_rates``)."""
         return jnp.exp(self.log_rates)
 
-    def _cast(self, x: Data) -> Array:
+    def _as_data(self, x: Data) -> Array:
         return jnp.asarray(x).astype(self.log_rates.dtype)
 
     # ------------------------------------------------------------ densities
     def log_joint(self, x: Float[Array, " D"], z: Int[Array, ""]) -> Scalar:
         r"""$\log \pi_z + \sum_d [x_d \log \lambda_{zd} - \lambda_{zd} - \log \Gamma(x_d + 1)]$
         for one datum."""
-        x = self._cast(x)
+        x = self._as_data(x)
         log_rates = self.log_rates[z]
-        log_w = jax.nn.log_softmax(self.weight_logits)[z]
+        log_w = self.log_weights[z]
         return log_w + jnp.sum(x * log_rates - jnp.exp(log_rates) - jss.gammaln(x + 1))
 
     def log_joint_table(self, x: Data) -> LogTable:
         r"""$T_{nk} = \log p(x_n, z{=}k)$, shape ``(N, K)``, by one matmul (see the class docs)."""
-        x = self._cast(x)
-        offset = jax.nn.log_softmax(self.weight_logits) - jnp.sum(self.rates, axis=-1)
+        x = self._as_data(x)
+        offset = self.log_weights - jnp.sum(self.rates, axis=-1)
         log_factorials = jnp.sum(jss.gammaln(x + 1), axis=-1)
         return x @ self.log_rates.T + offset[None, :] - log_factorials[:, None]
 
@@ -274,7 +207,7 @@ class PoissonMixture(Model):
         r"""``{"counts": N_k (K,), "sums": S_kd (K, D)}`` with $N_k = \sum_n r_{nk}$ and
         $S_{kd} = \sum_n r_{nk} x_{nd}$, $r_{nk} = q_n(z{=}k)$. Additive over data."""
         r = _responsibilities(self, x, q).astype(self.log_rates.dtype)
-        return {"counts": jnp.sum(r, axis=0), "sums": r.T @ self._cast(x)}
+        return {"counts": jnp.sum(r, axis=0), "sums": r.T @ self._as_data(x)}
 
     def maximize(self, stats: Stats, prior: Any = None) -> "PoissonMixture":
         r"""The closed-form (MAP) M-step from ``sufficient_statistics``.
@@ -299,20 +232,12 @@ class PoissonMixture(Model):
         ok = denominator > jnp.finfo(dtype).tiny
         safe = jnp.where(ok, denominator, 1.0)
         new_rates = jnp.maximum((sums + (shape - 1)) / safe[:, None], self.min_rate)
-        log_rates = jnp.where(ok[:, None], jnp.log(new_rates), self.log_rates)
+        log_rates = _keep_where_empty(denominator, jnp.log(new_rates), self.log_rates)
         weight_logits = _weight_logits(jnp.maximum(counts + (alpha - 1), 0.0))
         new = (weight_logits, log_rates)
         return eqx.tree_at(lambda m: (m.weight_logits, m.log_rates), self, new)
 
     # ------------------------------------------------------------ use
-    def predict_proba(self, x: Data) -> Float[Array, "N K"]:
-        r"""Responsibilities $p(z{=}k \mid x_n)$, shape ``(N, K)``."""
-        return jax.nn.softmax(self.log_joint_table(x), axis=-1)
-
-    def predict(self, x: Data) -> Int[Array, " N"]:
-        r"""The most probable component $\arg\max_k p(z{=}k \mid x_n)$, shape ``(N,)``."""
-        return jnp.argmax(self.log_joint_table(x), axis=-1)
-
     def sample(self, key: Key, n: int) -> tuple[Float[Array, "N D"], Int[Array, " N"]]:
         """``n`` draws ``(x, z)``: counts ``x`` ``(n, D)`` as the model's floats, ``z`` ``(n,)``."""
         key_z, key_x = jr.split(key)
