@@ -301,7 +301,9 @@ def test_exploding_learning_rate_stops_at_last_finite_iterate():
     m_step = ej.GradientMStep(optax.sgd(LR_EXPLODING))
     num_iters, mix, lam = _sgd_em_np(x, LR_EXPLODING, 20)
     assert 1 <= num_iters < 20  # finite for a while, then not
-    with pytest.warns(RuntimeWarning, match=f"fit stopped after {num_iters} iterations: a step made"):
+    with pytest.warns(
+        RuntimeWarning, match=f"fit stopped after {num_iters} iterations: a step made"
+    ):
         res = ej.fit(model, x, m_step=m_step, max_iters=20, tol=0)
     assert res.status == ej.Status.NONFINITE
     assert not res.converged
