@@ -10,6 +10,11 @@ from ._latent import Discrete, Real
 from ._model import Model, float_dtype
 
 
+@jax.jit
+def _all_finite(arr: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(arr))
+
+
 def check_model(model: Any) -> Model:
     if not isinstance(model, Model):
         raise TypeError(
@@ -42,9 +47,12 @@ def prepare_data(model: Model, x: Any) -> Any:
         if arr.shape[0] == 0:
             raise ValueError(f"x has shape {arr.shape}: there are no data (N = 0)")
         if kind == "f":
-            finite = np.isfinite(np.asarray(arr))
-            if not finite.all():
-                bad = np.argwhere(~finite)
+            # A JAX array is checked where it lives (no copy of the data to the host).
+            all_finite = (
+                bool(_all_finite(arr)) if isinstance(arr, jax.Array) else np.isfinite(arr).all()
+            )
+            if not all_finite:
+                bad = np.argwhere(~np.isfinite(np.asarray(arr)))
                 raise ValueError(
                     f"x contains NaN or Inf: {len(bad)} entries, the first at index {tuple(int(i) for i in bad[0])}"
                 )
