@@ -73,6 +73,28 @@ def _precision_factor_from_covariance(cov: Array, covariance_type: str) -> Array
     return jnp.tril(factor, -1) + _diag_embed(jnp.log(diag))
 
 
+def _use_quadratic_features(d: int, k: int, dtype: Any) -> bool:
+    r"""Whether the full-covariance table and statistics go through the $D(D+1)/2$ products
+    of centred data: float64 only (the expanded quadratic form loses about
+    $\epsilon\|\tilde x\|^2/\sigma^2$, too much in float32), and only when the features are
+    no bigger than the $(N, K, D)$ differences they replace."""
+    return jnp.dtype(dtype) == jnp.float64 and d * (d + 1) // 2 <= k * d
+
+
+@functools.cache
+def _triu_indices(d: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(d)
+
+
+def _quadratic_features(xc: Float[Array, "N D"]) -> Float[Array, "N T"]:
+    r"""The products $\tilde x_i \tilde x_j$, $i \le j$, in ``np.triu_indices`` order, ``(N, D(D+1)/2)``.
+
+    Built from $D$ column slices rather than a gather: XLA on CPU fuses these into one pass.
+    """
+    d = xc.shape[1]
+    return jnp.concatenate([xc[:, i : i + 1] * xc[:, i:] for i in range(d)], axis=1)
+
+
 # --------------------------------------------------------------------------- model
 @final
 class GaussianMixture(AbstractMixture):
@@ -237,21 +259,42 @@ class GaussianMixture(AbstractMixture):
     def log_joint_table(self, x: Float[Array, "N D"]) -> LogTable:
         r"""The table $T_{nk} = \log w_k + \log\mathcal N(x_n\mid\mu_k,\Sigma_k)$, ``(N, K)``.
 
-        Full: $\|A_k(x_n-\mu_k)\|^2$ as one batched matmul. Diag: $\sum_d (x_{nd}-\mu_{kd})^2
-        p_{kd}^2$ expanded into matmuls, about a shift $c = \sum_k w_k\mu_k$ so that it does not
-        cancel in float32.
+        Everything is computed about the data mean $c$, with $\tilde x_n = x_n - c$ and
+        $\delta_k = \mu_k - c$, so nothing cancels badly in float32 and the data-only terms
+        ($\tilde x$, its squares or products) do not depend on the parameters: inside
+        ``fit`` XLA computes them once, outside the loop. Diag: $\sum_d p_{kd}^2
+        (\tilde x_{nd} - \delta_{kd})^2$ expanded into two matmuls against $\tilde x^2$
+        and $\tilde x$. Full: in float64, when $D(D+1)/2 \le KD$, the quadratic form
+        $\tilde x^\top P_k \tilde x$ ($P_k = \Sigma_k^{-1}$) is one matmul against the
+        $D(D+1)/2$ products $\tilde x_i\tilde x_j$; otherwise $\|A_k(\tilde x_n -
+        \delta_k)\|^2$ from one $(N, D) \times (D, KD)$ matmul.
         """
+        shift = jnp.mean(x, axis=0)
+        xc = x - shift[None]
+        delta = self.loc - shift[None]
         if self.covariance_type == "diag":
-            shift = self.weights @ self.loc
-            xc = x - shift[None]
-            mc = self.loc - shift[None]
             p2 = self._precision_factor**2
-            quad = (xc**2) @ p2.T - 2 * xc @ (mc * p2).T + jnp.sum(mc**2 * p2, axis=-1)[None]
-            quad = jnp.maximum(quad, 0.0)
+            quad = (
+                (xc**2) @ p2.T - 2 * xc @ (delta * p2).T + jnp.sum(delta**2 * p2, axis=-1)[None]
+            )
+        elif _use_quadratic_features(self.dim, self.num_components, x.dtype):
+            factor = self._precision_factor
+            precision = jnp.einsum("kai,kaj->kij", factor, factor)  # A^T A
+            rows, cols = _triu_indices(self.dim)
+            weight = 2 * precision - precision * _eye(self.dim, x.dtype)[None]
+            p_delta = jnp.einsum("kij,kj->ki", precision, delta)
+            quad = (
+                _quadratic_features(xc) @ weight[:, rows, cols].T
+                - 2 * xc @ p_delta.T
+                + jnp.sum(p_delta * delta, axis=-1)[None]
+            )
         else:
-            diff = x[:, None, :] - self.loc[None]
-            y = jnp.einsum("nkj,kij->nki", diff, self._precision_factor)
+            factor = self._precision_factor
+            k, d = self.num_components, self.dim
+            stacked = jnp.transpose(factor, (2, 0, 1)).reshape(d, k * d)  # [j, (k, i)] = A_kij
+            y = (xc @ stacked).reshape(-1, k, d) - jnp.einsum("kij,kj->ki", factor, delta)[None]
             quad = jnp.sum(y**2, axis=-1)
+        quad = jnp.maximum(quad, 0.0)
         log_det = jnp.sum(self._log_precision_diag, axis=-1)
         per_k = self.log_weights - 0.5 * self.dim * _LOG_2PI + log_det
         return per_k[None] - 0.5 * quad
@@ -267,19 +310,46 @@ class GaussianMixture(AbstractMixture):
         $n_k = \sum_n r_{nk}$, $s_k = \sum_n r_{nk}(x_n-\mu_k^{\text{old}})$ and
         $S_k = \sum_n r_{nk}(x_n-\mu_k^{\text{old}})(x_n-\mu_k^{\text{old}})^\top$ (diag: its
         diagonal), with $r_{nk} = q_n(z{=}k)$. A dict of arrays; statistics of shards add up.
+
+        They are computed as matmuls of the responsibilities against data-only features
+        about the data mean $c$ (as ``log_joint_table``), then moved to the shift
+        $\mu_k^{\text{old}}$ with $\delta_k = \mu_k^{\text{old}} - c$. Full covariances in
+        float32 (or with $D(D+1)/2 > KD$) use the differences $x_n - \mu_k^{\text{old}}$
+        directly.
         """
         q = q.resolve(self, x)
-        resp = q.probs.astype(self.loc.dtype)
-        diff = x[:, None, :] - self.loc[None]
-        if self.covariance_type == "diag":
-            second = jnp.einsum("nk,nkd->kd", resp, diff**2)
+        dtype = self.loc.dtype
+        resp = q.probs.astype(dtype)
+        counts = jnp.sum(resp, axis=0)
+        full = self.covariance_type == "full"
+        if full and not _use_quadratic_features(self.dim, self.num_components, dtype):
+            diff = x[:, None, :] - self.loc[None]
+            return {
+                "counts": counts,
+                "first": jnp.einsum("nk,nkd->kd", resp, diff),
+                "second": jnp.einsum("nk,nki,nkj->kij", resp, diff, diff),
+            }
+        shift = jnp.mean(x, axis=0)
+        xc = x - shift[None]
+        delta = self.loc - shift[None]
+        first_c = resp.T @ xc
+        first = first_c - counts[:, None] * delta
+        if not full:
+            second = resp.T @ xc**2 - 2 * delta * first_c + counts[:, None] * delta**2
         else:
-            second = jnp.einsum("nk,nki,nkj->kij", resp, diff, diff)
-        return {
-            "counts": jnp.sum(resp, axis=0),
-            "first": jnp.einsum("nk,nkd->kd", resp, diff),
-            "second": second,
-        }
+            d = self.dim
+            rows, cols = _triu_indices(d)
+            upper = resp.T @ _quadratic_features(xc)
+            second_c = jnp.zeros((self.num_components, d, d), dtype).at[:, rows, cols].set(upper)
+            second_c = second_c + jnp.swapaxes(jnp.triu(second_c, 1), -1, -2)
+            cross = jnp.einsum("ki,kj->kij", delta, first_c)
+            second = (
+                second_c
+                - cross
+                - jnp.swapaxes(cross, -1, -2)
+                + counts[:, None, None] * jnp.einsum("ki,kj->kij", delta, delta)
+            )
+        return {"counts": counts, "first": first, "second": second}
 
     def maximize(
         self, stats: dict[str, Array], prior: "GaussianMixturePrior | None" = None
@@ -444,8 +514,17 @@ def _kmeans_start(key, x, reg_covar, num_iters, *, num_components, covariance_ty
     k = num_components
     key_first, key_rest = jr.split(key)
 
+    shift = jnp.mean(x, axis=0)
+    xc = x - shift[None]  # centred, so the expanded squared distances below do not cancel
+    xc_sq = jnp.sum(xc**2, axis=-1)
+
     def sq_dist(c):
         return jnp.sum((x - c[None]) ** 2, axis=-1)
+
+    def sq_dists(centres):  # (N, K) without the (N, K, D) differences
+        cc = centres - shift[None]
+        d2 = xc_sq[:, None] - 2 * xc @ cc.T + jnp.sum(cc**2, axis=-1)[None]
+        return jnp.maximum(d2, 0.0)
 
     num_trials = 2 + int(math.log(k))
 
@@ -465,8 +544,7 @@ def _kmeans_start(key, x, reg_covar, num_iters, *, num_components, covariance_ty
     centres, _ = jax.lax.fori_loop(1, k, seed, (centres, sq_dist(first)))
 
     def assign(centres):
-        d2 = jnp.sum((x[:, None, :] - centres[None]) ** 2, axis=-1)
-        onehot = jax.nn.one_hot(jnp.argmin(d2, axis=-1), k, dtype=x.dtype)
+        onehot = jax.nn.one_hot(jnp.argmin(sq_dists(centres), axis=-1), k, dtype=x.dtype)
         counts = jnp.sum(onehot, axis=0)
         means = (onehot.T @ x) / jnp.maximum(counts, 1.0)[:, None]
         return onehot, counts, jnp.where((counts > 0)[:, None], means, centres)
@@ -476,17 +554,18 @@ def _kmeans_start(key, x, reg_covar, num_iters, *, num_components, covariance_ty
 
     tiny = _tiny(x.dtype)
     weights = (counts + tiny) / jnp.sum(counts + tiny)
-    diff = x[:, None, :] - means[None]
-    centred = x - jnp.mean(x, axis=0)[None]
+    # Scatter about each cluster mean from matmuls of the centred data (no (N, K, D) array).
+    safe = jnp.maximum(counts, 1.0)
+    mc = (onehot.T @ xc) / safe[:, None]  # cluster means, centred
     few = (counts < 2)[:, None]
     if covariance_type == "diag":
-        cluster = jnp.einsum("nk,nkd->kd", onehot, diff**2) / jnp.maximum(counts, 1.0)[:, None]
-        overall = jnp.mean(centred**2, axis=0)
-        covs = jnp.where(few, overall[None], cluster) + reg_covar
+        cluster = (onehot.T @ xc**2) / safe[:, None] - mc**2
+        overall = jnp.mean(xc**2, axis=0)
+        covs = jnp.where(few, overall[None], jnp.maximum(cluster, 0.0)) + reg_covar
     else:
-        scatter = jnp.einsum("nk,nki,nkj->kij", onehot, diff, diff)
-        cluster = scatter / jnp.maximum(counts, 1.0)[:, None, None]
-        overall = centred.T @ centred / n
+        second = jax.lax.map(lambda w: (xc * w[:, None]).T @ xc, onehot.T)  # one k at a time
+        cluster = second / safe[:, None, None] - jnp.einsum("ki,kj->kij", mc, mc)
+        overall = xc.T @ xc / n
         covs = (
             jnp.where(few[..., None], overall[None], cluster) + reg_covar * _eye(d, x.dtype)[None]
         )
