@@ -15,6 +15,7 @@ from ._latent import Discrete
 from ._model import Model, float_dtype, is_finite_tree
 from ._objective import Prior, _free_energy
 from ._q import AbstractQ, ExactPosterior, num_data
+from ._statistics import statistics_pass
 from ._steps import AbstractEStep, AbstractMStep, ExactEStep, ExactMStep, GradientEStep, _OptaxStep
 from ._validate import check_log_joint, check_model, prepare_data
 
@@ -86,6 +87,8 @@ class _Config(eqx.Module):
     prior: Any
     max_iters: int = eqx.field(static=True)
     use_table: bool = eqx.field(static=True)
+    # Exact EM through statistics: each iteration is maximize(stats) then one statistics_pass.
+    use_statistics: bool = eqx.field(static=True, default=False)
 
 
 class _State(eqx.Module):
@@ -100,6 +103,7 @@ class _State(eqx.Module):
     history: Array
     status: Array
     num_increases: Array
+    stats: Any = None  # the exact posterior's statistics, when config.use_statistics
 
 
 def _table(model: Model, x: Data, use_table: bool) -> Array | None:
@@ -108,6 +112,22 @@ def _table(model: Model, x: Data, use_table: bool) -> Array | None:
 
 @eqx.filter_jit
 def _initialize(model: Model, q: AbstractQ, x: Data, config: _Config, key: Key) -> _State:
+    if config.use_statistics:
+        stats, objective = _statistics_objective(model, x, config.prior)
+        return _State(
+            model=model,
+            q=q,
+            e_state=None,
+            m_state=None,
+            key=key,
+            objective=objective,
+            initial_objective=objective,
+            iteration=jnp.array(0, jnp.int32),
+            history=jnp.full((config.max_iters,), jnp.nan, objective.dtype),
+            status=jnp.array(Status.RUNNING, jnp.int32),
+            num_increases=jnp.array(0, jnp.int32),
+            stats=stats,
+        )
     key, init_key, e_key, f_key = jr.split(key, 4)
     q = q.initialize(model, x, key=init_key)
     table = _table(model, x, config.use_table)
@@ -130,15 +150,32 @@ def _initialize(model: Model, q: AbstractQ, x: Data, config: _Config, key: Key) 
     )
 
 
+def _statistics_objective(model: Model, x: Data, prior: Any) -> tuple[Any, Array]:
+    """The exact posterior's statistics and F there, $-\\frac1N\\sum_n \\log p(x_n) - \\log p(θ)/N$."""
+    stats, total = statistics_pass(model, x)
+    objective = -total / num_data(x)
+    if prior is not None:
+        objective = objective - jnp.asarray(prior(model), objective.dtype) / num_data(x)
+    return stats, objective
+
+
 def _iterate(state: _State, x: Data, config: _Config, tol: Array) -> _State:
     """One coordinate-descent iteration: M-step on θ, then E-step on q, then F(q, θ)."""
     key, m_key, e_key, f_key = jr.split(state.key, 4)
-    model, m_state = config.m_step.step(
-        state.model, state.q, state.m_state, x, key=m_key, prior=config.prior
-    )
-    table = _table(model, x, config.use_table)
-    q, e_state = config.e_step.step(model, state.q, state.e_state, x, key=e_key, table=table)
-    objective = _free_energy(model, q, x, key=f_key, prior=config.prior, table=table)
+    stats = None
+    if config.use_statistics:
+        # Exact EM: the M-step is the closed form on the exact posterior's statistics, and the
+        # E-step is one pass that leaves only the new statistics and F (q stays implicit).
+        model, m_state = state.model.maximize(state.stats, config.prior), state.m_state
+        q, e_state = state.q, state.e_state
+        stats, objective = _statistics_objective(model, x, config.prior)
+    else:
+        model, m_state = config.m_step.step(
+            state.model, state.q, state.m_state, x, key=m_key, prior=config.prior
+        )
+        table = _table(model, x, config.use_table)
+        q, e_state = config.e_step.step(model, state.q, state.e_state, x, key=e_key, table=table)
+        objective = _free_energy(model, q, x, key=f_key, prior=config.prior, table=table)
 
     # q may put log-probability -inf on states the model rules out (log_joint = -inf there);
     # that is a valid q, and any other non-finite q makes the objective non-finite too.
@@ -165,6 +202,7 @@ def _iterate(state: _State, x: Data, config: _Config, tol: Array) -> _State:
         history=state.history.at[state.iteration].set(-objective),
         status=status.astype(jnp.int32),
         num_increases=state.num_increases + increased.astype(jnp.int32),
+        stats=stats,
     )
     # A non-finite step is not taken: the state stays at the last finite iteration.
     kept = eqx.tree_at(lambda s: s.status, state, jnp.array(Status.NONFINITE, jnp.int32))
@@ -303,6 +341,7 @@ def fit(
         prior=prior,
         max_iters=max_iters,
         use_table=isinstance(model.latent, Discrete),
+        use_statistics=_can_use_statistics(model, q, e_step, m_step, prior),
     )
     dtype = float_dtype(model)
     state = _initialize(model, q, x, config, key)
@@ -334,15 +373,35 @@ def fit(
             RuntimeWarning,
             stacklevel=2,
         )
+    q = _posterior(state.model, x) if config.use_statistics else state.q
     return FitResult(
         model=state.model,
-        q=state.q,
+        q=q,
         history=state.history[:num_iters],
         initial_elbo=-state.initial_objective,
         num_iters=num_iters,
         status=status,
         num_increases=num_increases,
     )
+
+
+def _can_use_statistics(
+    model: Model, q: AbstractQ, e_step: AbstractEStep, m_step: AbstractMStep, prior: Prior
+) -> bool:
+    """Exact EM with a closed-form M-step on a Discrete model runs as statistics passes."""
+    return (
+        isinstance(q, ExactPosterior)
+        and isinstance(e_step, ExactEStep)
+        and isinstance(m_step, ExactMStep)
+        and m_step.use_closed_form
+        and isinstance(model.latent, Discrete)
+        and model.has_closed_form(prior)
+    )
+
+
+@eqx.filter_jit
+def _posterior(model: Model, x: Data) -> AbstractQ:
+    return model.posterior(x)
 
 
 def _run_with_progress(

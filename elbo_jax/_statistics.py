@@ -1,0 +1,74 @@
+r"""One pass over the data for exact EM: the posterior, its expected statistics and $\log p(x)$.
+
+When the E-step is exact and the M-step is closed form, an EM iteration needs only the
+additive statistics $\sum_n E_{p(z\mid x_n,\theta)}[s(x_n, z)]$, never the $(N, K)$
+posterior itself. ``statistics_pass`` computes them chunk by chunk: per chunk the
+log-joint table, its log-normaliser and the chunk's statistics, summed. Nothing of size
+$N \times K$ is ever held, and on CPU each chunk's table stays in cache.
+
+At the exact posterior the free energy is $F = -\frac1N\sum_n \log p(x_n\mid\theta)$, so
+the same pass gives the objective: the sum of the log-normalisers.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from ._custom_types import Array, Data, Stats
+from ._model import Model
+from ._q import Categorical, num_data
+
+# Rows per chunk on CPU are chosen so that one chunk's table and data take about this many
+# elements (a few MB in float64: cache-sized, and large enough for efficient matmuls).
+_CPU_CHUNK_ELEMENTS = 2**17
+
+
+def default_chunk_size(model: Model, x: Data) -> int:
+    """Rows per chunk: cache-sized on CPU; the whole data on accelerators (one chunk)."""
+    n = num_data(x)
+    if jax.default_backend() != "cpu":
+        return n
+    per_datum = model.latent.num_states + sum(
+        max(1, leaf[0].size) for leaf in jax.tree_util.tree_leaves(x)
+    )
+    return int(min(n, max(256, _CPU_CHUNK_ELEMENTS // per_datum)))
+
+
+def _chunk_statistics(model: Model, x: Data) -> tuple[Stats, Array]:
+    table = model.log_joint_table(x)
+    log_normalizer = jax.nn.logsumexp(table, axis=-1, keepdims=True)
+    stats = model.sufficient_statistics(x, Categorical(table - log_normalizer))
+    return stats, jnp.sum(log_normalizer)
+
+
+def statistics_pass(model: Model, x: Data, *, chunk_size: int | None = None) -> tuple[Stats, Array]:
+    r"""The exact posterior's expected statistics and $\sum_n \log p(x_n \mid \theta)$.
+
+    For a model with a ``Discrete`` latent, ``log_joint_table`` and additive
+    ``sufficient_statistics``. The data are split into chunks of ``chunk_size`` rows
+    (default: ``default_chunk_size``); the statistics of the chunks are summed.
+
+    **Returns:** ``(stats, total_log_evidence)``.
+    """
+    n = num_data(x)
+    size = default_chunk_size(model, x) if chunk_size is None else int(min(chunk_size, n))
+    num_full, rest = divmod(n, size)
+    if num_full <= 1 and rest == 0:
+        return _chunk_statistics(model, x)
+    head = jax.tree_util.tree_map(
+        lambda leaf: leaf[: num_full * size].reshape(num_full, size, *leaf.shape[1:]), x
+    )
+
+    def body(carry, chunk):
+        stats, total = _chunk_statistics(model, chunk)
+        return jax.tree_util.tree_map(jnp.add, carry, (stats, total)), None
+
+    first = jax.tree_util.tree_map(lambda leaf: leaf[0], head)
+    shapes = jax.eval_shape(_chunk_statistics, model, first)
+    init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (stats, total), _ = jax.lax.scan(body, init, head)
+    if rest:
+        tail = jax.tree_util.tree_map(lambda leaf: leaf[num_full * size :], x)
+        stats, total = jax.tree_util.tree_map(
+            jnp.add, (stats, total), _chunk_statistics(model, tail)
+        )
+    return stats, total
