@@ -274,9 +274,7 @@ class GaussianMixture(AbstractMixture):
         delta = self.loc - shift[None]
         if self.covariance_type == "diag":
             p2 = self._precision_factor**2
-            quad = (
-                (xc**2) @ p2.T - 2 * xc @ (delta * p2).T + jnp.sum(delta**2 * p2, axis=-1)[None]
-            )
+            quad = (xc**2) @ p2.T - 2 * xc @ (delta * p2).T + jnp.sum(delta**2 * p2, axis=-1)[None]
         elif _use_quadratic_features(self.dim, self.num_components, x.dtype):
             factor = self._precision_factor
             precision = jnp.einsum("kai,kaj->kij", factor, factor)  # A^T A

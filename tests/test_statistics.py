@@ -1,0 +1,177 @@
+"""Exact EM through chunked statistics passes, and the GMM's matmul table and statistics.
+
+Oracles: the same statistics from the whole posterior at once, the generic (vmapped
+``log_joint``) table, plain-NumPy sums over differences, and ``fit`` through the
+q-carrying path (``q=ej.Categorical()`` with exact steps runs M-step, E-step, F as before).
+"""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import elbo_jax as ej
+from elbo_jax import _statistics
+from elbo_jax.models import BernoulliMixture, GaussianMixture, PoissonMixture
+
+RNG = np.random.default_rng(7)
+
+
+def _gmm(covariance_type, k, d, n, dtype=np.float64, offset=0.0):
+    rng = np.random.default_rng(k * 100 + d)
+    means = rng.normal(0.0, 2.0, (k, d)) + offset
+    if covariance_type == "full":
+        a = rng.normal(0.0, 0.3, (k, d, d)) + np.eye(d)
+        covs = a @ np.swapaxes(a, -1, -2)
+    else:
+        covs = rng.uniform(0.5, 2.0, (k, d))
+    weights = rng.dirichlet(np.ones(k) * 3)
+    z = rng.integers(0, k, n)
+    x = means[z] + rng.normal(size=(n, d)) * 1.5
+    model = GaussianMixture(
+        *(a.astype(dtype) for a in (weights, means + 0.3, covs)), covariance_type
+    )
+    return model, x.astype(dtype)
+
+
+def _models():
+    gmm_full, x_full = _gmm("full", 3, 2, 200)
+    gmm_diag, x_diag = _gmm("diag", 4, 3, 200)
+    probs = RNG.uniform(0.1, 0.9, (3, 6))
+    bern = BernoulliMixture(np.array([0.2, 0.3, 0.5]), probs)
+    x_bern = (RNG.uniform(size=(150, 6)) < probs[RNG.integers(0, 3, 150)]).astype(np.float64)
+    pois = PoissonMixture(np.array([0.5, 0.5]), np.array([[1.0, 3.0], [6.0, 0.5]]))
+    x_pois = RNG.poisson(np.array([[1.0, 3.0], [6.0, 0.5]])[RNG.integers(0, 2, 120)]).astype(
+        np.float64
+    )
+    return [
+        ("gmm-full", gmm_full, x_full),
+        ("gmm-diag", gmm_diag, x_diag),
+        ("bernoulli", bern, x_bern),
+        ("poisson", pois, x_pois),
+    ]
+
+
+MODELS = _models()
+
+
+@pytest.mark.parametrize("name, model, x", MODELS, ids=[m[0] for m in MODELS])
+@pytest.mark.parametrize("chunk_size", [None, 7, 64, 10_000])
+def test_statistics_pass_equals_whole_posterior(name, model, x, chunk_size):
+    x = jnp.asarray(x)
+    stats, total = _statistics.statistics_pass(model, x, chunk_size=chunk_size)
+    expected = model.sufficient_statistics(x, model.posterior(x))
+    assert set(stats) == set(expected)
+    for key in expected:
+        np.testing.assert_allclose(stats[key], expected[key], rtol=1e-10, atol=1e-9, err_msg=key)
+    np.testing.assert_allclose(total / x.shape[0], ej.log_evidence(model, x), rtol=1e-12)
+
+
+def _fit_both(model, x, **kwargs):
+    via_stats = ej.fit(model, x, tol=0.0, max_iters=6, **kwargs)
+    via_q = ej.fit(model, x, q=ej.Categorical(), tol=0.0, max_iters=6, **kwargs)
+    return via_stats, via_q
+
+
+def _assert_same_fit(a, b):
+    assert a.num_iters == b.num_iters and a.status == b.status
+    np.testing.assert_allclose(a.history, b.history, rtol=1e-12)
+    np.testing.assert_allclose(a.initial_elbo, b.initial_elbo, rtol=1e-12)
+    for la, lb in zip(
+        jax.tree_util.tree_leaves(a.model), jax.tree_util.tree_leaves(b.model), strict=True
+    ):
+        np.testing.assert_allclose(la, lb, rtol=1e-9, atol=1e-12)
+    # result.q of the statistics path is the exact posterior of the returned model
+    np.testing.assert_allclose(a.q.probs, b.q.probs, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, model, x", MODELS, ids=[m[0] for m in MODELS])
+def test_fit_through_statistics_equals_fit_through_q(name, model, x):
+    _assert_same_fit(*_fit_both(model, x))
+
+
+def test_fit_through_small_chunks_with_a_remainder(monkeypatch):
+    # 2**9 elements per chunk: 256 rows, so 200 + 3 rows make one full chunk and a remainder
+    monkeypatch.setattr(_statistics, "_CPU_CHUNK_ELEMENTS", 2**9)
+    model, x = _gmm("full", 3, 2, 403)
+    assert _statistics.default_chunk_size(model, jnp.asarray(x)) == 256
+    _assert_same_fit(*_fit_both(model, x))
+
+
+def test_map_fit_through_statistics():
+    model, x = _gmm("diag", 3, 2, 150)
+    prior = ej.models.GaussianMixturePrior.from_data(x)
+    _assert_same_fit(*_fit_both(model, x, prior=prior))
+
+
+def test_statistics_path_is_used_only_for_exact_closed_form_em():
+    from elbo_jax._fit import _can_use_statistics
+    from elbo_jax._steps import ExactEStep, ExactMStep
+
+    model, _ = _gmm("diag", 2, 2, 10)
+    exact = ExactEStep(), ExactMStep()
+    assert _can_use_statistics(model, ej.ExactPosterior(), *exact, None)
+    assert not _can_use_statistics(model, ej.Categorical(), *exact, None)
+    assert not _can_use_statistics(model, ej.PointMass(), *exact, None)
+    assert not _can_use_statistics(
+        model, ej.ExactPosterior(), ExactEStep(), ExactMStep(use_closed_form=False), None
+    )
+    assert not _can_use_statistics(model, ej.ExactPosterior(), *exact, lambda m: 0.0)
+
+
+# ------------------------------------------------------------ the GMM's table and statistics
+# (K, D, dtype): full float64 with K >= (D+1)/2 uses the quadratic features, full float64 with
+# K < (D+1)/2 and full float32 use the differences; diag always uses the matmul expansion.
+BRANCHES = [
+    ("full", 3, 2, np.float64),
+    ("full", 2, 6, np.float64),
+    ("full", 3, 2, np.float32),
+    ("diag", 3, 4, np.float64),
+    ("diag", 3, 4, np.float32),
+]
+
+
+def _brute_force_statistics(model, x, resp):
+    x, resp = np.asarray(x, np.float64), np.asarray(resp, np.float64)
+    diff = x[:, None, :] - np.asarray(model.means, np.float64)[None]
+    second = np.einsum("nk,nki,nkj->kij", resp, diff, diff)
+    if model.covariance_type == "diag":
+        second = np.einsum("kii->ki", second)
+    return {
+        "counts": resp.sum(0),
+        "first": np.einsum("nk,nkd->kd", resp, diff),
+        "second": second,
+    }
+
+
+@pytest.mark.parametrize("covariance_type, k, d, dtype", BRANCHES)
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_gmm_table_and_statistics_on_every_branch(covariance_type, k, d, dtype, offset):
+    model, x = _gmm(covariance_type, k, d, 300, dtype, offset)
+    x = jnp.asarray(x)
+    rtol = 1e-10 if dtype == np.float64 else 2e-4
+    table = model.log_joint_table(x)
+    assert table.dtype == dtype
+    generic = ej.Model.log_joint_table(model, x)
+    np.testing.assert_allclose(table, generic, rtol=rtol, atol=rtol * 10)
+    q = model.posterior(x)
+    stats = model.sufficient_statistics(x, q)
+    expected = _brute_force_statistics(model, x, q.probs)
+    for key, value in expected.items():
+        assert stats[key].dtype == dtype
+        scale = np.max(np.abs(value))
+        np.testing.assert_allclose(stats[key], value, rtol=rtol, atol=rtol * scale, err_msg=key)
+
+
+def test_kmeans_start_covariances_are_cluster_scatters():
+    model, x = _gmm("full", 3, 2, 300)
+    init = GaussianMixture.initialize(jr.key(1), x, 3, reg_covar=0.0, num_kmeans_iters=50)
+    labels = np.argmin(((x[:, None] - np.asarray(init.means)[None]) ** 2).sum(-1), axis=1)
+    for k in range(3):
+        members = x[labels == k]
+        np.testing.assert_allclose(init.means[k], members.mean(0), rtol=1e-10)
+        np.testing.assert_allclose(
+            init.covariances[k], np.cov(members.T, bias=True), rtol=1e-8, atol=1e-12
+        )
+        np.testing.assert_allclose(init.weights[k], len(members) / len(x), rtol=1e-10)
