@@ -30,7 +30,13 @@ def default_chunk_size(model: Model, x: Data) -> int:
     per_datum = model.latent.num_states + sum(
         max(1, leaf[0].size) for leaf in jax.tree_util.tree_leaves(x)
     )
-    return int(min(n, max(256, _CPU_CHUNK_ELEMENTS // per_datum)))
+    size = int(min(n, max(256, _CPU_CHUNK_ELEMENTS // per_datum)))
+    # A size that divides N avoids a remainder chunk, which would compile a second copy
+    # of the chunk's computation.
+    for candidate in range(size, (size + 1) // 2 - 1, -1):
+        if n % candidate == 0:
+            return candidate
+    return size
 
 
 def _chunk_statistics(model: Model, x: Data) -> tuple[Stats, Array]:

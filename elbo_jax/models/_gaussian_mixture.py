@@ -87,12 +87,9 @@ def _triu_indices(d: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _quadratic_features(xc: Float[Array, "N D"]) -> Float[Array, "N T"]:
-    r"""The products $\tilde x_i \tilde x_j$, $i \le j$, in ``np.triu_indices`` order, ``(N, D(D+1)/2)``.
-
-    Built from $D$ column slices rather than a gather: XLA on CPU fuses these into one pass.
-    """
-    d = xc.shape[1]
-    return jnp.concatenate([xc[:, i : i + 1] * xc[:, i:] for i in range(d)], axis=1)
+    r"""The products $\tilde x_i \tilde x_j$, $i \le j$, in ``np.triu_indices`` order, ``(N, D(D+1)/2)``."""
+    rows, cols = _triu_indices(xc.shape[1])
+    return xc[:, rows] * xc[:, cols]  # two gathers: compiles faster than D slices concatenated
 
 
 # --------------------------------------------------------------------------- model
