@@ -1,0 +1,79 @@
+"""``python -m benchmarks run [--quick] [--only NAME[,NAME]] [--out DIR] [--in-process]``."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import _workloads
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the benchmarks and write results.json / results.md")
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help="every workload at N/20 with fewer iterations (a few minutes)",
+    )
+    run.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated workloads (default all: {','.join(_workloads.WORKLOADS)})",
+    )
+    run.add_argument(
+        "--out", default=None, help="output folder (default benchmarks/results/<device kind>/)"
+    )
+    run.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every contender in this process (peak memory is then not reported)",
+    )
+    # Hidden knobs for tests and smoke runs: shrink every workload further, pick gradient methods.
+    run.add_argument(
+        "--scale",
+        type=float,
+        default=float(os.environ.get("ELBO_JAX_BENCH_SCALE", 1.0)),
+        help=argparse.SUPPRESS,
+    )
+    run.add_argument("--methods", default=None, help=argparse.SUPPRESS)  # ";"-separated names
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    # OpenMP threads that spin while waiting make torch (pomegranate) many times slower on a
+    # machine with other load; passive waiting costs nothing on a quiet one. Set before torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # float64 rows; float32 rows are built explicitly
+
+    from . import _device, _report, _runner
+    from ._contenders import GRADIENT_METHODS
+
+    names = list(_workloads.WORKLOADS) if args.only is None else args.only.split(",")
+    unknown = [n for n in names if n not in _workloads.WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown workload(s) {unknown}; choose from {list(_workloads.WORKLOADS)}")
+    methods = None
+    if args.methods is not None:
+        wanted = {m.replace(" ", "") for m in args.methods.split(";") if m}
+        methods = [m for m in GRADIENT_METHODS if m.replace(" ", "") in wanted]
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).parent / "results" / _device.device_dir_name()
+    )
+    results = _runner.run(
+        names=names, quick=args.quick, scale=args.scale, in_process=args.in_process, methods=methods
+    )
+    paths = _report.write(results, out, args.quick)
+    print(_report.markdown(results))
+    print(f"wrote {paths['json']} and {paths['md']}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
