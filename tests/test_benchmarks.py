@@ -1,0 +1,168 @@
+"""The benchmark entry point, ``python -m benchmarks run --quick``, at a tiny scale and
+in-process: it runs end to end, writes JSON and markdown with the expected keys, and
+elbo_jax's exact EM agrees with scikit-learn (GMM full and diag, float64) and with the
+hand-written EM (user-model). No time is asserted: speed claims live in the benchmark."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+HAVE_POMEGRANATE = all(importlib.util.find_spec(m) is not None for m in ("torch", "pomegranate"))
+ROW_KEYS = {
+    "workload",
+    "contender",
+    "dtype",
+    "iters",
+    "iters_requested",
+    "status",
+    "first_s",
+    "warm_s",
+    "compile_s",
+    "s_per_iter",
+    "peak_mib",
+    "loglik",
+    "rel_diff",
+    "ratio",
+    "note",
+    "warnings",
+}
+GRADIENT_KEYS = {
+    "workload",
+    "dtype",
+    "method",
+    "iters",
+    "s_per_iter",
+    "compile_s",
+    "loglik",
+    "best",
+    "iters_to_target",
+    "time_to_target_s",
+    "history",
+    "status",
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from benchmarks.__main__ import main
+
+    out = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ELBO_JAX_BENCH_CACHE", str(out / "cache"))
+        results = main(
+            [
+                "run",
+                "--quick",
+                "--scale",
+                "0.001",
+                "--in-process",
+                "--out",
+                str(out),
+                "--methods",
+                "adam(1e-2) x1",
+            ]
+        )
+    return results, out
+
+
+def _row(results, workload, contender, dtype="float64"):
+    (row,) = [
+        r
+        for r in results["rows"]
+        if (r["workload"], r["contender"], r["dtype"]) == (workload, contender, dtype)
+    ]
+    return row
+
+
+def test_files_and_keys(run):
+    results, out = run
+    saved = json.loads((out / "results_quick.json").read_text())
+    assert saved["mode"] == "quick"
+    for key in ("device", "ceilings", "rows", "gradient", "targets", "workloads", "wall_s"):
+        assert key in saved
+    for key in (
+        "platform",
+        "device_kind",
+        "cpu_model",
+        "cpu_count",
+        "versions",
+        "git_commit",
+        "date_utc",
+    ):
+        assert key in saved["device"]
+    assert set(saved["ceilings"]["matmul_flops"]) == {"float32", "float64"}
+    assert saved["ceilings"]["bandwidth_bytes_per_s"] > 0
+    assert set(saved["workloads"]) == {"gmm-full", "gmm-diag", "bernoulli-digits", "user-model"}
+    for row in saved["rows"]:
+        assert ROW_KEYS <= set(row)
+        assert row["peak_mib"] is None  # in-process: no peak memory
+    for row in saved["gradient"]:
+        assert GRADIENT_KEYS <= set(row) or row["status"].startswith("failed")
+    methods = {r["method"] for r in saved["gradient"]}
+    assert {"exact EM", "adam(1e-2) x1", "hand-written EM"} <= methods
+    assert {t["target"] for t in saved["targets"]}  # every target listed, met or not
+    assert all({"target", "goal", "value", "met"} <= set(t) for t in saved["targets"])
+    md = (out / "results_quick.md").read_text()
+    for heading in (
+        "**Targets**",
+        "| target | goal | measured | met? |",
+        "**elbo_jax against its peers**",
+        "**Exact against gradient M-steps**",
+        "**Machine ceilings**",
+        "| gmm-full | sklearn | float64 |",
+    ):
+        assert heading in md
+    for name in saved["figures"]:
+        assert (out / name).stat().st_size > 0
+    assert len(saved["figures"]) == 4
+
+
+def test_every_elbo_jax_row_ran(run):
+    results, _ = run
+    for row in results["rows"]:
+        if row["contender"] in ("elbo_jax", "elbo_jax-generic", "hand-em", "sklearn"):
+            assert row["status"] == "MAX_ITERS", row
+            assert row["iters"] == row["iters_requested"]
+            assert math.isfinite(row["loglik"]) and row["s_per_iter"] > 0
+
+
+@pytest.mark.parametrize("workload", ["gmm-full", "gmm-diag"])
+def test_elbo_jax_agrees_with_sklearn(run, workload):
+    results, _ = run
+    ej, sk = _row(results, workload, "elbo_jax"), _row(results, workload, "sklearn")
+    assert math.isfinite(ej["loglik"])
+    assert abs(sk["rel_diff"]) < 1e-6
+    assert abs(sk["loglik"] - ej["loglik"]) / abs(ej["loglik"]) < 1e-6
+
+
+def test_elbo_jax_agrees_with_hand_written_em(run):
+    results, _ = run
+    hand = _row(results, "user-model", "hand-em")
+    for contender in ("elbo_jax", "elbo_jax-generic"):
+        row = _row(results, "user-model", contender)
+        assert abs(row["loglik"] - hand["loglik"]) / abs(hand["loglik"]) < 1e-6, contender
+    # the histories agree too: the same iterations, the same log-likelihoods
+    ej = _row(results, "user-model", "elbo_jax")["history"]
+    assert len(ej) == len(hand["history"])
+    assert max(abs(a - b) for a, b in zip(ej, hand["history"], strict=True)) < 1e-8
+
+
+def test_pomegranate_rows(run):
+    results, _ = run
+    rows = [r for r in results["rows"] if r["contender"] == "pomegranate"]
+    assert {r["workload"] for r in rows} == {
+        "gmm-full",
+        "gmm-diag",
+        "bernoulli-digits",
+        "user-model",
+    }
+    if not HAVE_POMEGRANATE:
+        assert all("not installed" in r["status"] for r in rows)
+        pytest.skip("pomegranate or torch not installed")
+    for r in rows:
+        assert not r["status"].startswith("failed"), r["status"]
