@@ -10,13 +10,22 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
+from ._autostats import affine_split
 from ._custom_types import Array, Data, Key
 from ._latent import Discrete
 from ._model import Model, float_dtype, is_finite_tree
 from ._objective import Prior, _free_energy
 from ._q import AbstractQ, ExactPosterior, num_data
 from ._statistics import statistics_pass
-from ._steps import AbstractEStep, AbstractMStep, ExactEStep, ExactMStep, GradientEStep, _OptaxStep
+from ._steps import (
+    AbstractEStep,
+    AbstractMStep,
+    ExactEStep,
+    ExactMStep,
+    GradientEStep,
+    _OptaxStep,
+    minimize_lbfgs,
+)
 from ._validate import check_log_joint, check_model, prepare_data
 
 
@@ -89,6 +98,8 @@ class _Config(eqx.Module):
     use_table: bool = eqx.field(static=True)
     # Exact EM through statistics: each iteration is maximize(stats) then one statistics_pass.
     use_statistics: bool = eqx.field(static=True, default=False)
+    # Statistics found in log_joint (no closed form): an _autostats.AffineSplit, or None.
+    split: Any = None
 
 
 class _State(eqx.Module):
@@ -113,7 +124,7 @@ def _table(model: Model, x: Data, use_table: bool) -> Array | None:
 @eqx.filter_jit
 def _initialize(model: Model, q: AbstractQ, x: Data, config: _Config, key: Key) -> _State:
     if config.use_statistics:
-        stats, objective = _statistics_objective(model, x, config.prior)
+        stats, objective = _statistics_objective(model, x, config)
         return _State(
             model=model,
             q=q,
@@ -150,13 +161,34 @@ def _initialize(model: Model, q: AbstractQ, x: Data, config: _Config, key: Key) 
     )
 
 
-def _statistics_objective(model: Model, x: Data, prior: Any) -> tuple[Any, Array]:
+def _statistics_objective(model: Model, x: Data, config: _Config) -> tuple[Any, Array]:
     """The exact posterior's statistics and F there, $-\\frac1N\\sum_n \\log p(x_n) - \\log p(θ)/N$."""
-    stats, total = statistics_pass(model, x)
+    stats, total = statistics_pass(model, x, split=config.split)
     objective = -total / num_data(x)
-    if prior is not None:
-        objective = objective - jnp.asarray(prior(model), objective.dtype) / num_data(x)
+    if config.prior is not None:
+        objective = objective - jnp.asarray(config.prior(model), objective.dtype) / num_data(x)
     return stats, objective
+
+
+def _maximize(model: Model, stats: Any, config: _Config) -> Model:
+    """The exact M-step from the exact posterior's statistics."""
+    if config.split is None:
+        return model.maximize(stats, config.prior)
+    # No closed form: the numerical M-step on the objective the statistics determine, which
+    # costs K evaluations of the log-joint per step instead of N K.
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    total = jnp.sum(stats["counts"])
+
+    def loss(p):
+        m = eqx.combine(p, static)
+        value = config.split.objective(m, stats)
+        if config.prior is not None:
+            value = value + jnp.asarray(config.prior(m), value.dtype)
+        return -value / total
+
+    m_step = config.m_step
+    params = minimize_lbfgs(loss, params, max_steps=m_step.max_steps, tol=m_step.tol)
+    return eqx.combine(params, static)
 
 
 def _iterate(state: _State, x: Data, config: _Config, tol: Array) -> _State:
@@ -166,9 +198,9 @@ def _iterate(state: _State, x: Data, config: _Config, tol: Array) -> _State:
     if config.use_statistics:
         # Exact EM: the M-step is the closed form on the exact posterior's statistics, and the
         # E-step is one pass that leaves only the new statistics and F (q stays implicit).
-        model, m_state = state.model.maximize(state.stats, config.prior), state.m_state
+        model, m_state = _maximize(state.model, state.stats, config), state.m_state
         q, e_state = state.q, state.e_state
-        stats, objective = _statistics_objective(model, x, config.prior)
+        stats, objective = _statistics_objective(model, x, config)
     else:
         model, m_state = config.m_step.step(
             state.model, state.q, state.m_state, x, key=m_key, prior=config.prior
@@ -335,13 +367,15 @@ def fit(
         params, _ = eqx.partition(model, eqx.is_inexact_array)
         m_step = m_step.hashable(params)
 
+    split = _find_split(model, x, q, e_step, m_step, prior)
     config = _Config(
         e_step=e_step,
         m_step=m_step,
         prior=prior,
         max_iters=max_iters,
         use_table=isinstance(model.latent, Discrete),
-        use_statistics=_can_use_statistics(model, q, e_step, m_step, prior),
+        use_statistics=_can_use_statistics(model, q, e_step, m_step, prior) or split is not None,
+        split=split,
     )
     dtype = float_dtype(model)
     state = _initialize(model, q, x, config, key)
@@ -397,6 +431,20 @@ def _can_use_statistics(
         and isinstance(model.latent, Discrete)
         and model.has_closed_form(prior)
     )
+
+
+def _find_split(model: Model, x: Data, q: AbstractQ, e_step: Any, m_step: Any, prior: Prior) -> Any:
+    """Statistics found in ``log_joint``, for exact EM on a Discrete model with no closed form."""
+    if not (
+        isinstance(q, ExactPosterior)
+        and isinstance(e_step, ExactEStep)
+        and isinstance(m_step, ExactMStep)
+        and m_step.use_closed_form
+        and isinstance(model.latent, Discrete)
+        and not model.has_closed_form(prior)
+    ):
+        return None
+    return affine_split(model, x)
 
 
 @eqx.filter_jit

@@ -10,6 +10,8 @@ At the exact posterior the free energy is $F = -\frac1N\sum_n \log p(x_n\mid\the
 the same pass gives the objective: the sum of the log-normalisers.
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -39,18 +41,22 @@ def default_chunk_size(model: Model, x: Data) -> int:
     return size
 
 
-def _chunk_statistics(model: Model, x: Data) -> tuple[Stats, Array]:
+def _chunk_statistics(model: Model, x: Data, split: Any = None) -> tuple[Stats, Array]:
     table = model.log_joint_table(x)
     log_normalizer = jax.nn.logsumexp(table, axis=-1, keepdims=True)
-    stats = model.sufficient_statistics(x, Categorical(table - log_normalizer))
+    q = Categorical(table - log_normalizer)
+    stats = model.sufficient_statistics(x, q) if split is None else split.statistics(model, x, q)
     return stats, jnp.sum(log_normalizer)
 
 
-def statistics_pass(model: Model, x: Data, *, chunk_size: int | None = None) -> tuple[Stats, Array]:
+def statistics_pass(
+    model: Model, x: Data, *, chunk_size: int | None = None, split: Any = None
+) -> tuple[Stats, Array]:
     r"""The exact posterior's expected statistics and $\sum_n \log p(x_n \mid \theta)$.
 
     For a model with a ``Discrete`` latent, ``log_joint_table`` and additive
-    ``sufficient_statistics``. The data are split into chunks of ``chunk_size`` rows
+    ``sufficient_statistics`` — or, with ``split`` (an ``_autostats.AffineSplit``), the
+    statistics it finds in ``log_joint``. The data are split into chunks of ``chunk_size`` rows
     (default: ``default_chunk_size``); the statistics of the chunks are summed.
 
     **Returns:** ``(stats, total_log_evidence)``.
@@ -59,22 +65,22 @@ def statistics_pass(model: Model, x: Data, *, chunk_size: int | None = None) -> 
     size = default_chunk_size(model, x) if chunk_size is None else int(min(chunk_size, n))
     num_full, rest = divmod(n, size)
     if num_full <= 1 and rest == 0:
-        return _chunk_statistics(model, x)
+        return _chunk_statistics(model, x, split)
     head = jax.tree_util.tree_map(
         lambda leaf: leaf[: num_full * size].reshape(num_full, size, *leaf.shape[1:]), x
     )
 
     def body(carry, chunk):
-        stats, total = _chunk_statistics(model, chunk)
+        stats, total = _chunk_statistics(model, chunk, split)
         return jax.tree_util.tree_map(jnp.add, carry, (stats, total)), None
 
     first = jax.tree_util.tree_map(lambda leaf: leaf[0], head)
-    shapes = jax.eval_shape(_chunk_statistics, model, first)
+    shapes = jax.eval_shape(lambda m, c: _chunk_statistics(m, c, split), model, first)
     init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (stats, total), _ = jax.lax.scan(body, init, head)
     if rest:
         tail = jax.tree_util.tree_map(lambda leaf: leaf[num_full * size :], x)
         stats, total = jax.tree_util.tree_map(
-            jnp.add, (stats, total), _chunk_statistics(model, tail)
+            jnp.add, (stats, total), _chunk_statistics(model, tail, split)
         )
     return stats, total
