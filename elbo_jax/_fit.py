@@ -249,6 +249,30 @@ def _run(state: _State, x: Data, config: _Config, tol: Array, stop_at: Array) ->
     return jax.lax.while_loop(cond, lambda s: _iterate(s, x, config, tol), state)
 
 
+@eqx.filter_jit
+def _solve(
+    model: Model, q: AbstractQ, x: Data, config: _Config, key: Key, tol: Array
+) -> tuple[_State, AbstractQ]:
+    state = _initialize.__wrapped__(model, q, x, config, key)
+    # A non-finite start runs no iteration (fit then raises).
+    stop_at = jnp.where(jnp.isfinite(state.objective), config.max_iters, 0).astype(jnp.int32)
+    state = _run.__wrapped__(state, x, config, tol, stop_at)
+    return state, (_model_posterior(state.model, x) if config.use_statistics else state.q)
+
+
+def _model_posterior(model: Model, x: Data) -> AbstractQ:
+    return model.posterior(x)
+
+
+def _check_initial(state: _State) -> None:
+    if not bool(jnp.isfinite(state.initial_objective)):
+        raise ValueError(
+            "the initial model and q give a non-finite free energy "
+            f"({float(state.initial_objective)}); check the initial parameters and that "
+            "log_joint is finite on the data"
+        )
+
+
 def _is_inexact_struct(leaf: Any) -> bool:
     return isinstance(leaf, jax.ShapeDtypeStruct) and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
@@ -378,18 +402,16 @@ def fit(
         split=split,
     )
     dtype = float_dtype(model)
-    state = _initialize(model, q, x, config, key)
-    if not bool(jnp.isfinite(state.objective)):
-        raise ValueError(
-            f"the initial model and q give a non-finite free energy ({float(state.objective)}); "
-            "check the initial parameters and that log_joint is finite on the data"
-        )
     tol_arr = jnp.asarray(tol, dtype)
-
     if progress:
+        state = _initialize(model, q, x, config, key)
+        _check_initial(state)
         state = _run_with_progress(state, x, config, tol_arr, max_iters)
+        result_q = _posterior(state.model, x) if config.use_statistics else state.q
     else:
-        state = _run(state, x, config, tol_arr, jnp.asarray(max_iters, jnp.int32))
+        # One compiled call (one compilation): start, loop, and the posterior of the result.
+        state, result_q = _solve(model, q, x, config, key, tol_arr)
+        _check_initial(state)
 
     num_iters = int(state.iteration)
     status = Status(int(state.status))
@@ -407,10 +429,9 @@ def fit(
             RuntimeWarning,
             stacklevel=2,
         )
-    q = _posterior(state.model, x) if config.use_statistics else state.q
     return FitResult(
         model=state.model,
-        q=q,
+        q=result_q,
         history=state.history[:num_iters],
         initial_elbo=-state.initial_objective,
         num_iters=num_iters,
