@@ -2,10 +2,9 @@
 the shared start, for the same number of iterations.
 
 Each is timed on whole ``fit`` calls (best of up to ``peer_repeats``, repeated only when a
-fit is cheap) after an untimed warm-up fit on a slice. Probes on a 1/20 slice predict the
-cost: a peer predicted to exceed ``peer_budget_s`` runs fewer iterations (flagged, its
-log-likelihood then not comparable), or, if even one iteration would, is reported as an
-estimate from the probes.
+fit is cheap) after an untimed warm-up fit on a slice. A one-iteration fit on the full data
+predicts the cost: a peer predicted to exceed ``peer_budget_s`` reports that fit instead
+(flagged, its log-likelihood then not comparable).
 """
 
 import math
@@ -22,45 +21,26 @@ def _now() -> float:
 
 
 def _peer_timed(make_and_fit, x, task: dict) -> dict:
-    """Warm up and probe on slices, maybe cut the iterations to the budget, then time.
+    """Warm up on a slice, time a one-iteration fit on the full data, then the full fit.
 
-    The probe times 1- and 2-iteration fits on a 1/20 slice: their difference is the cost of
-    an iteration, the rest the fixed cost of a fit (set-up, a final E-step), both scaled to
-    N. A peer whose predicted single iteration exceeds the budget is not run on the full
-    data: its row reports the prediction, flagged as an estimate.
+    The one-iteration fit (set-up, one iteration, any final pass) predicts the cost of the
+    full fit from above. A peer predicted to exceed ``peer_budget_s`` is not run further:
+    its row reports the one-iteration fit, flagged (its log-likelihood is then not
+    comparable). Probes on a slice proved unreliable both ways (thread start-up dominates
+    small fits; memory traffic makes big ones slower than linear).
     """
-    iters, n = task["iters"], x.shape[0]
+    iters, budget = task["iters"], task["peer_budget_s"]
     make_and_fit(x[:PROBE_ROWS], 1)  # warm-up: first-call costs (torch) stay out of the timing
-    rows = min(n, max(PROBE_ROWS, n // 20))
     t = _now()
-    make_and_fit(x[:rows], 1)
-    t1 = _now() - t
-    t = _now()
-    make_and_fit(x[:rows], 2)
-    t2 = _now() - t
-    per_iter = max(t2 - t1, 0.1 * t1) * n / rows
-    fixed = max(t1 * n / rows - per_iter, 0.0)
-    budget = task["peer_budget_s"]
-    note = None
-    if fixed + per_iter > budget:
-        return {
-            "fitted": None,
-            "first_s": None,
-            "warm_s": [per_iter],
-            "iters": 1,
-            "estimated": True,
-            "note": (
-                f"estimated from {rows:,}-row probes (a full fit was predicted to take "
-                f"{fixed + per_iter:.0f} s for one iteration, over the {budget:.0f} s "
-                "budget); not run on the full data"
-            ),
-        }
-    if fixed + per_iter * iters > budget:
-        iters = max(1, math.floor((budget - fixed) / per_iter))
+    fitted = make_and_fit(x, 1)
+    one = _now() - t
+    if iters > 1 and one * iters > budget:
         note = (
-            f"ran {iters} of {task['iters']} iterations (predicted {per_iter:.1f} s/it, "
-            f"{budget:.0f} s budget); log-likelihood not comparable"
+            f"ran 1 of {iters} iterations (a one-iteration fit took {one:.1f} s, so "
+            f"{iters} would exceed the {budget:.0f} s budget); s/it includes the fit's "
+            "fixed costs; log-likelihood not comparable"
         )
+        return {"fitted": fitted, "first_s": None, "warm_s": [one], "iters": 1, "note": note}
     t = _now()
     fitted = make_and_fit(x, iters)
     times = [_now() - t]
@@ -69,7 +49,7 @@ def _peer_timed(make_and_fit, x, task: dict) -> dict:
             t = _now()
             fitted = make_and_fit(x, iters)
             times.append(_now() - t)
-    return {"fitted": fitted, "first_s": None, "warm_s": times, "iters": iters, "note": note}
+    return {"fitted": fitted, "first_s": None, "warm_s": times, "iters": iters, "note": None}
 
 
 def run_sklearn(task: dict, x: np.ndarray, init: dict) -> dict:
@@ -106,8 +86,6 @@ def run_sklearn(task: dict, x: np.ndarray, init: dict) -> dict:
 
     out = _peer_timed(make_and_fit, x, task)
     gm = out.pop("fitted")
-    if gm is None:
-        return dict(out, params=None, status="estimated")
     out["params"] = {
         "weights": np.asarray(gm.weights_, np.float64),
         "means": np.asarray(gm.means_, np.float64),
@@ -149,8 +127,6 @@ def run_pomegranate(task: dict, x: np.ndarray, init: dict) -> dict:
 
     out = _peer_timed(make_and_fit, x, task)
     gm = out.pop("fitted")
-    if gm is None:
-        return dict(out, params=None, status="estimated")
 
     def arr(t):
         return t.detach().cpu().numpy().astype(np.float64)

@@ -193,6 +193,7 @@ def run_workload(
             rows.append(_row(w, n, contender, dtype, iters, report, x64, settings))
     grad_rows = []
     methods = [m for m in methods if m in w.grad_methods]
+    grad_iters = w.num_grad_iters(quick)
     if methods:
         task = {
             "workload": w.name,
@@ -201,7 +202,7 @@ def run_workload(
             "dtype": w.grad_dtype,
             "family": w.family,
             "covariance_type": w.covariance_type,
-            "iters": iters,
+            "iters": grad_iters,
             "methods": list(methods),
             **settings,
         }
@@ -212,7 +213,7 @@ def run_workload(
             + (f" -- {report['error']}" if "error" in report else "")
         )
         exact = [r for r in rows if r["dtype"] == w.grad_dtype and r["contender"] in JAX_CONTENDERS]
-        grad_rows = _derive.gradient_rows(w, n, w.grad_dtype, report, exact, x64)
+        grad_rows = _derive.gradient_rows(w, grad_iters, report, exact, x64)
     info = {
         "name": w.name,
         "description": w.description,
@@ -225,6 +226,7 @@ def run_workload(
         "dtypes": list(w.dtypes),
         "gradient_dtype": w.grad_dtype,
         "gradient_methods": list(w.grad_methods),
+        "gradient_iters": grad_iters,
         "start": init_note,
         "work_formula": _derive.work_per_iter(w, n, "float64")[2],
     }

@@ -37,6 +37,7 @@ class Workload:
     covariance_type: str | None = None
     scalable: bool = True  # False: real data of fixed size (digits)
     grad_methods: tuple[str, ...] = ALL_METHODS  # gradient M-steps compared with exact EM
+    grad_iters: int | None = None  # iterations of the exact-vs-gradient runs (None: iters)
 
     def num_data(self, scale: float) -> int:
         if not self.scalable:
@@ -45,6 +46,9 @@ class Workload:
 
     def num_iters(self, quick: bool) -> int:
         return self.quick_iters if quick else self.iters
+
+    def num_grad_iters(self, quick: bool) -> int:
+        return min(self.num_iters(quick), self.grad_iters or self.iters)
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -64,6 +68,7 @@ WORKLOADS: dict[str, Workload] = {
             "Gaussian mixture, full covariances: N=100,000 draws in D=16 from a random "
             "16-component ground truth",
             covariance_type="full",
+            grad_iters=10,
         ),
         Workload(
             "gmm-diag",
@@ -80,6 +85,7 @@ WORKLOADS: dict[str, Workload] = {
             "64-component ground truth (10 iterations: the largest workload)",
             covariance_type="diag",
             grad_methods=CHEAP_METHODS,
+            grad_iters=5,
         ),
         Workload(
             "bernoulli-digits",
