@@ -6,12 +6,16 @@ hand-written EM (user-model). No time is asserted: speed claims live in the benc
 import importlib.util
 import json
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+ROOT = Path(__file__).resolve().parent.parent
 HAVE_POMEGRANATE = all(importlib.util.find_spec(m) is not None for m in ("torch", "pomegranate"))
 ROW_KEYS = {
     "workload",
@@ -49,11 +53,14 @@ GRADIENT_KEYS = {
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    if str(ROOT) not in sys.path:  # `benchmarks` is not installed; it lives in the checkout
+        sys.path.insert(0, str(ROOT))
     from benchmarks.__main__ import main
 
     out = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ELBO_JAX_BENCH_CACHE", str(out / "cache"))
+        mp.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # restored
         results = main(
             [
                 "run",
