@@ -46,7 +46,7 @@ _LINEAR = {
     "convert_element_type",
 }
 # Primitives linear in one operand: only the first operand may be affine (others index or divide).
-_FIRST_ONLY = {"div", "gather", "dynamic_slice", "squeeze"}
+_FIRST_ONLY = {"div", "gather", "dynamic_slice"}
 _CALLS = {"pjit": "jaxpr", "closed_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr"}
 
 
@@ -150,8 +150,9 @@ class AffineSplit(eqx.Module):
         resp = q.probs
         k = model.latent.num_states
         states = jnp.arange(k)
-        per_datum = jax.vmap(lambda xn: self.feature_values(xn, states[0]))(x)
-        per_both = None
+        per_datum = per_both = None
+        if not all(self.per_state):
+            per_datum = jax.vmap(lambda xn: self.feature_values(xn, states[0]))(x)
         if any(self.per_state):
             per_both = jax.vmap(lambda xn: jax.vmap(lambda z: self.feature_values(xn, z))(states))(
                 x

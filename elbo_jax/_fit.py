@@ -123,34 +123,25 @@ def _table(model: Model, x: Data, use_table: bool) -> Array | None:
 
 @eqx.filter_jit
 def _initialize(model: Model, q: AbstractQ, x: Data, config: _Config, key: Key) -> _State:
+    stats = None
     if config.use_statistics:
         stats, objective = _statistics_objective(model, x, config)
-        return _State(
-            model=model,
-            q=q,
-            e_state=None,
-            m_state=None,
-            key=key,
-            objective=objective,
-            initial_objective=objective,
-            iteration=jnp.array(0, jnp.int32),
-            history=jnp.full((config.max_iters,), jnp.nan, objective.dtype),
-            status=jnp.array(Status.RUNNING, jnp.int32),
-            num_increases=jnp.array(0, jnp.int32),
-            stats=stats,
-        )
-    key, init_key, e_key, f_key = jr.split(key, 4)
-    q = q.initialize(model, x, key=init_key)
-    table = _table(model, x, config.use_table)
-    # Coordinate descent starts with an E-step, so the first M-step sees a q fitted to the
-    # initial model (a uniform or zero-mean q would make every component look alike).
-    q, e_state = config.e_step.step(model, q, config.e_step.init(q), x, key=e_key, table=table)
-    objective = _free_energy(model, q, x, key=f_key, prior=config.prior, table=table)
+        e_state = m_state = None
+    else:
+        key, init_key, e_key, f_key = jr.split(key, 4)
+        q = q.initialize(model, x, key=init_key)
+        table = _table(model, x, config.use_table)
+        # Coordinate descent starts with an E-step, so the first M-step sees a q fitted to the
+        # initial model (a uniform or zero-mean q would make every component look alike).
+        e_state = config.e_step.init(q)
+        q, e_state = config.e_step.step(model, q, e_state, x, key=e_key, table=table)
+        objective = _free_energy(model, q, x, key=f_key, prior=config.prior, table=table)
+        m_state = config.m_step.init(model)
     return _State(
         model=model,
         q=q,
         e_state=e_state,
-        m_state=config.m_step.init(model),
+        m_state=m_state,
         key=key,
         objective=objective,
         initial_objective=objective,
@@ -158,6 +149,7 @@ def _initialize(model: Model, q: AbstractQ, x: Data, config: _Config, key: Key) 
         history=jnp.full((config.max_iters,), jnp.nan, objective.dtype),
         status=jnp.array(Status.RUNNING, jnp.int32),
         num_increases=jnp.array(0, jnp.int32),
+        stats=stats,
     )
 
 
@@ -257,11 +249,7 @@ def _solve(
     # A non-finite start runs no iteration (fit then raises).
     stop_at = jnp.where(jnp.isfinite(state.objective), config.max_iters, 0).astype(jnp.int32)
     state = _run.__wrapped__(state, x, config, tol, stop_at)
-    return state, (_model_posterior(state.model, x) if config.use_statistics else state.q)
-
-
-def _model_posterior(model: Model, x: Data) -> AbstractQ:
-    return model.posterior(x)
+    return state, (state.model.posterior(x) if config.use_statistics else state.q)
 
 
 def _check_initial(state: _State) -> None:
@@ -440,32 +428,28 @@ def fit(
     )
 
 
-def _can_use_statistics(
-    model: Model, q: AbstractQ, e_step: AbstractEStep, m_step: AbstractMStep, prior: Prior
-) -> bool:
-    """Exact EM with a closed-form M-step on a Discrete model runs as statistics passes."""
+def _is_exact_discrete_em(model: Model, q: AbstractQ, e_step: Any, m_step: Any) -> bool:
     return (
         isinstance(q, ExactPosterior)
         and isinstance(e_step, ExactEStep)
         and isinstance(m_step, ExactMStep)
         and m_step.use_closed_form
         and isinstance(model.latent, Discrete)
-        and model.has_closed_form(prior)
     )
+
+
+def _can_use_statistics(
+    model: Model, q: AbstractQ, e_step: AbstractEStep, m_step: AbstractMStep, prior: Prior
+) -> bool:
+    """Exact EM with a closed-form M-step on a Discrete model runs as statistics passes."""
+    return _is_exact_discrete_em(model, q, e_step, m_step) and model.has_closed_form(prior)
 
 
 def _find_split(model: Model, x: Data, q: AbstractQ, e_step: Any, m_step: Any, prior: Prior) -> Any:
     """Statistics found in ``log_joint``, for exact EM on a Discrete model with no closed form."""
-    if not (
-        isinstance(q, ExactPosterior)
-        and isinstance(e_step, ExactEStep)
-        and isinstance(m_step, ExactMStep)
-        and m_step.use_closed_form
-        and isinstance(model.latent, Discrete)
-        and not model.has_closed_form(prior)
-    ):
-        return None
-    return affine_split(model, x)
+    if _is_exact_discrete_em(model, q, e_step, m_step) and not model.has_closed_form(prior):
+        return affine_split(model, x)
+    return None
 
 
 @eqx.filter_jit
