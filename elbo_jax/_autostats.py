@@ -145,25 +145,77 @@ class AffineSplit(eqx.Module):
         env.update(zip(self.features, values, strict=True))
         return self._eval(env, features=False)
 
-    # -- statistics
-    def statistics(self, model: Model, x: Data, q: Any) -> Stats:
-        resp = q.probs
-        k = model.latent.num_states
+    # -- per-datum features, the table and the statistics
+    def datum_features(self, x: Data) -> tuple:
+        """The features that do not depend on $z$, for every datum: one ``(N, ...)`` array
+        each. They are the same in every iteration, so ``fit`` computes them once."""
+        state = jnp.zeros((), self.closed.jaxpr.invars[-1].aval.dtype)
+        values = jax.vmap(lambda xn: self.feature_values(xn, state))(x)
+        return tuple(v for v, depends in zip(values, self.per_state, strict=True) if not depends)
+
+    def feature_size(self) -> int:
+        """Elements per datum of ``datum_features``."""
+        return sum(
+            max(1, v.aval.size)
+            for v, depends in zip(self.features, self.per_state, strict=True)
+            if not depends
+        )
+
+    def _all_features(self, x: Data, datum: tuple | None, k: int) -> list:
+        """Every feature for every datum and state: per-datum ones ``(N, ...)`` (from
+        ``datum`` when given), per-state ones ``(N, K, ...)``."""
         states = jnp.arange(k)
-        per_datum = per_both = None
-        if not all(self.per_state):
-            per_datum = jax.vmap(lambda xn: self.feature_values(xn, states[0]))(x)
+        if datum is None:
+            datum = self.datum_features(x)
+        per_both = None
         if any(self.per_state):
             per_both = jax.vmap(lambda xn: jax.vmap(lambda z: self.feature_values(xn, z))(states))(
                 x
             )
-        sums = []
-        for j, depends in enumerate(self.per_state):
+        datum_iter = iter(datum)
+        return [
+            per_both[j] if depends else next(datum_iter) for j, depends in enumerate(self.per_state)
+        ]
+
+    def coefficients(self, model: Model) -> tuple[Array, list]:
+        r"""$\ell(\theta, k, \phi) = c_k + \sum_j \langle W_{kj}, \phi_j\rangle$: the offsets
+        ``c`` ``(K,)`` and the coefficients ``W`` (one ``(K, *shape_j)`` array per feature),
+        from the value and gradient of $\ell$ at $\phi = 0$ (exact, as $\ell$ is affine)."""
+        zeros = [jnp.zeros(v.aval.shape, v.aval.dtype) for v in self.features]
+
+        def at(z):
+            return jax.value_and_grad(lambda v: self.reduced_log_joint(model, v, z))(zeros)
+
+        return jax.vmap(at)(jnp.arange(model.latent.num_states))
+
+    def table(self, model: Model, x: Data, datum: tuple | None = None) -> Array:
+        r"""$T_{nk} = c_k + \sum_j \langle W_{kj}, \phi_j(x_n, k)\rangle$, the ``(N, K)``
+        log-joint table as matrix products of the features (``datum``: precomputed
+        ``datum_features``) with ``coefficients``. A coefficient that is infinite (a
+        $\log 0$ in the model) makes its rows NaN, as ``log_joint`` is NaN at a zero feature."""
+        k = model.latent.num_states
+        offsets, weights = self.coefficients(model)
+        values = self._all_features(x, datum, k)
+        n = values[0].shape[0] if values else 0
+        table = jnp.broadcast_to(offsets, (n, k))
+        for f, w, depends in zip(values, weights, self.per_state, strict=True):
+            w = w.reshape(k, -1)
             if depends:
-                f = per_both[j].astype(resp.dtype)
+                table = table + jnp.einsum("nkf,kf->nk", f.reshape(n, k, -1).astype(w.dtype), w)
+            else:
+                table = table + f.reshape(n, -1).astype(w.dtype) @ w.T
+        return table
+
+    def statistics(self, model: Model, x: Data, q: Any, datum: tuple | None = None) -> Stats:
+        r"""``{"counts": n_k, "features": [Φ_k per feature]}`` for responsibilities ``q.probs``."""
+        resp = q.probs
+        sums = []
+        values = self._all_features(x, datum, model.latent.num_states)
+        for f, depends in zip(values, self.per_state, strict=True):
+            f = f.astype(resp.dtype)
+            if depends:
                 sums.append(jnp.einsum("nk,nk...->k...", resp, f))
             else:
-                f = per_datum[j].astype(resp.dtype)
                 sums.append(jnp.tensordot(resp, f, axes=(0, 0)))
         return {"counts": jnp.sum(resp, axis=0), "features": sums}
 

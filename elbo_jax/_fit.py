@@ -15,7 +15,7 @@ from ._custom_types import Array, Data, Key
 from ._latent import Discrete
 from ._model import Model, float_dtype, is_finite_tree
 from ._objective import Prior, _free_energy
-from ._q import AbstractQ, ExactPosterior, num_data
+from ._q import AbstractQ, Categorical, ExactPosterior, num_data
 from ._statistics import statistics_pass
 from ._steps import (
     AbstractEStep,
@@ -98,7 +98,12 @@ class _Config(eqx.Module):
     use_table: bool = eqx.field(static=True)
     # Exact EM through statistics: each iteration is maximize(stats) then one statistics_pass.
     use_statistics: bool = eqx.field(static=True, default=False)
-    # Statistics found in log_joint (no closed form): an _autostats.AffineSplit, or None.
+    # On the statistics path: the M-step is the model's closed form (else L-BFGS on the
+    # objective the found statistics determine).
+    closed_form: bool = eqx.field(static=True, default=False)
+    # log_joint split into data features and a part affine in them (_autostats.AffineSplit),
+    # or None. It gives the table on the statistics path, and the statistics when there is
+    # no closed form.
     split: Any = None
 
 
@@ -122,10 +127,12 @@ def _table(model: Model, x: Data, use_table: bool) -> Array | None:
 
 
 @eqx.filter_jit
-def _initialize(model: Model, q: AbstractQ, x: Data, config: _Config, key: Key) -> _State:
+def _initialize(
+    model: Model, q: AbstractQ, x: Data, config: _Config, key: Key, features: Any = None
+) -> _State:
     stats = None
     if config.use_statistics:
-        stats, objective = _statistics_objective(model, x, config)
+        stats, objective = _statistics_objective(model, x, config, features)
         e_state = m_state = None
     else:
         key, init_key, e_key, f_key = jr.split(key, 4)
@@ -153,9 +160,13 @@ def _initialize(model: Model, q: AbstractQ, x: Data, config: _Config, key: Key) 
     )
 
 
-def _statistics_objective(model: Model, x: Data, config: _Config) -> tuple[Any, Array]:
+def _statistics_objective(
+    model: Model, x: Data, config: _Config, features: Any = None
+) -> tuple[Any, Array]:
     """The exact posterior's statistics and F there, $-\\frac1N\\sum_n \\log p(x_n) - \\log p(θ)/N$."""
-    stats, total = statistics_pass(model, x, split=config.split)
+    stats, total = statistics_pass(
+        model, x, split=config.split, features=features, closed_form=config.closed_form
+    )
     objective = -total / num_data(x)
     if config.prior is not None:
         objective = objective - jnp.asarray(config.prior(model), objective.dtype) / num_data(x)
@@ -164,7 +175,7 @@ def _statistics_objective(model: Model, x: Data, config: _Config) -> tuple[Any, 
 
 def _maximize(model: Model, stats: Any, config: _Config) -> Model:
     """The exact M-step from the exact posterior's statistics."""
-    if config.split is None:
+    if config.closed_form:
         return model.maximize(stats, config.prior)
     # No closed form: the numerical M-step on the objective the statistics determine, which
     # costs K evaluations of the log-joint per step instead of N K.
@@ -183,7 +194,7 @@ def _maximize(model: Model, stats: Any, config: _Config) -> Model:
     return eqx.combine(params, static)
 
 
-def _iterate(state: _State, x: Data, config: _Config, tol: Array) -> _State:
+def _iterate(state: _State, x: Data, config: _Config, tol: Array, features: Any) -> _State:
     """One coordinate-descent iteration: M-step on θ, then E-step on q, then F(q, θ)."""
     key, m_key, e_key, f_key = jr.split(state.key, 4)
     stats = None
@@ -192,7 +203,7 @@ def _iterate(state: _State, x: Data, config: _Config, tol: Array) -> _State:
         # E-step is one pass that leaves only the new statistics and F (q stays implicit).
         model, m_state = _maximize(state.model, state.stats, config), state.m_state
         q, e_state = state.q, state.e_state
-        stats, objective = _statistics_objective(model, x, config)
+        stats, objective = _statistics_objective(model, x, config, features)
     else:
         model, m_state = config.m_step.step(
             state.model, state.q, state.m_state, x, key=m_key, prior=config.prior
@@ -234,22 +245,50 @@ def _iterate(state: _State, x: Data, config: _Config, tol: Array) -> _State:
 
 
 @eqx.filter_jit
-def _run(state: _State, x: Data, config: _Config, tol: Array, stop_at: Array) -> _State:
+def _run(
+    state: _State, x: Data, config: _Config, tol: Array, stop_at: Array, features: Any = None
+) -> _State:
     def cond(s):
         return (s.status == Status.RUNNING) & (s.iteration < stop_at)
 
-    return jax.lax.while_loop(cond, lambda s: _iterate(s, x, config, tol), state)
+    return jax.lax.while_loop(cond, lambda s: _iterate(s, x, config, tol, features), state)
 
 
 @eqx.filter_jit
 def _solve(
     model: Model, q: AbstractQ, x: Data, config: _Config, key: Key, tol: Array
 ) -> tuple[_State, AbstractQ]:
-    state = _initialize.__wrapped__(model, q, x, config, key)
+    features = _datum_features(x, config)
+    state = _initialize.__wrapped__(model, q, x, config, key, features)
     # A non-finite start runs no iteration (fit then raises).
     stop_at = jnp.where(jnp.isfinite(state.objective), config.max_iters, 0).astype(jnp.int32)
-    state = _run.__wrapped__(state, x, config, tol, stop_at)
-    return state, (state.model.posterior(x) if config.use_statistics else state.q)
+    state = _run.__wrapped__(state, x, config, tol, stop_at, features)
+    return state, (
+        _result_posterior(state.model, x, config, features) if config.use_statistics else state.q
+    )
+
+
+def _result_posterior(model: Model, x: Data, config: _Config, features: Any) -> AbstractQ:
+    """The exact posterior of the fitted model (the statistics path carries no q)."""
+    if config.split is not None and features is not None:
+        table = config.split.table(model, x, features)
+        return Categorical(table - jax.nn.logsumexp(table, axis=-1, keepdims=True))
+    return model.posterior(x)
+
+
+def _datum_features(x: Data, config: _Config) -> Any:
+    """The found split's per-datum features, computed once per fit (they do not change
+    between iterations), unless they would take more than ``_MAX_FEATURE_RATIO`` times
+    the data's memory (then each pass computes them chunk by chunk)."""
+    if config.split is None:
+        return None
+    data_size = sum(max(1, leaf[0].size) for leaf in jax.tree_util.tree_leaves(x))
+    if config.split.feature_size() > _MAX_FEATURE_RATIO * data_size:
+        return None
+    return config.split.datum_features(x)
+
+
+_MAX_FEATURE_RATIO = 4
 
 
 def _check_initial(state: _State) -> None:
@@ -379,23 +418,29 @@ def fit(
         params, _ = eqx.partition(model, eqx.is_inexact_array)
         m_step = m_step.hashable(params)
 
-    split = _find_split(model, x, q, e_step, m_step, prior)
+    closed_form, split = _statistics_plan(model, x, q, e_step, m_step, prior)
     config = _Config(
         e_step=e_step,
         m_step=m_step,
         prior=prior,
         max_iters=max_iters,
         use_table=isinstance(model.latent, Discrete),
-        use_statistics=_can_use_statistics(model, q, e_step, m_step, prior) or split is not None,
+        use_statistics=closed_form or split is not None,
+        closed_form=closed_form,
         split=split,
     )
     dtype = float_dtype(model)
     tol_arr = jnp.asarray(tol, dtype)
     if progress:
-        state = _initialize(model, q, x, config, key)
+        features = eqx.filter_jit(_datum_features)(x, config)
+        state = _initialize(model, q, x, config, key, features)
         _check_initial(state)
-        state = _run_with_progress(state, x, config, tol_arr, max_iters)
-        result_q = _posterior(state.model, x) if config.use_statistics else state.q
+        state = _run_with_progress(state, x, config, tol_arr, max_iters, features)
+        result_q = (
+            eqx.filter_jit(_result_posterior)(state.model, x, config, features)
+            if config.use_statistics
+            else state.q
+        )
     else:
         # One compiled call (one compilation): start, loop, and the posterior of the result.
         state, result_q = _solve(model, q, x, config, key, tol_arr)
@@ -438,27 +483,20 @@ def _is_exact_discrete_em(model: Model, q: AbstractQ, e_step: Any, m_step: Any) 
     )
 
 
-def _can_use_statistics(
-    model: Model, q: AbstractQ, e_step: AbstractEStep, m_step: AbstractMStep, prior: Prior
-) -> bool:
-    """Exact EM with a closed-form M-step on a Discrete model runs as statistics passes."""
-    return _is_exact_discrete_em(model, q, e_step, m_step) and model.has_closed_form(prior)
-
-
-def _find_split(model: Model, x: Data, q: AbstractQ, e_step: Any, m_step: Any, prior: Prior) -> Any:
-    """Statistics found in ``log_joint``, for exact EM on a Discrete model with no closed form."""
-    if _is_exact_discrete_em(model, q, e_step, m_step) and not model.has_closed_form(prior):
-        return affine_split(model, x)
-    return None
-
-
-@eqx.filter_jit
-def _posterior(model: Model, x: Data) -> AbstractQ:
-    return model.posterior(x)
+def _statistics_plan(
+    model: Model, x: Data, q: AbstractQ, e_step: Any, m_step: Any, prior: Prior
+) -> tuple[bool, Any]:
+    """``(closed_form, split)`` for exact EM on a Discrete model, which runs as statistics
+    passes when either is set: the model's closed-form M-step, and the ``log_joint`` split
+    into data features (the table from features computed once; with no closed form, also
+    the statistics). ``(False, None)`` otherwise: the fit carries q."""
+    if not _is_exact_discrete_em(model, q, e_step, m_step):
+        return False, None
+    return model.has_closed_form(prior), affine_split(model, x)
 
 
 def _run_with_progress(
-    state: _State, x: Data, config: _Config, tol: Array, max_iters: int
+    state: _State, x: Data, config: _Config, tol: Array, max_iters: int, features: Any
 ) -> _State:
     from tqdm.auto import tqdm
 
@@ -466,9 +504,8 @@ def _run_with_progress(
     with tqdm(total=max_iters, desc="elbo_jax.fit", unit="it") as bar:
         done = 0
         while done < max_iters:
-            state = _run(
-                state, x, config, tol, jnp.asarray(min(done + chunk, max_iters), jnp.int32)
-            )
+            stop_at = jnp.asarray(min(done + chunk, max_iters), jnp.int32)
+            state = _run(state, x, config, tol, stop_at, features)
             now = int(state.iteration)
             bar.update(now - done)
             bar.set_postfix(elbo=f"{-float(state.objective):.6g}")

@@ -3,7 +3,6 @@ r"""The one objective: the variational free energy $F(q, \theta)$, and $\log p(x
 from collections.abc import Callable
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 
 from ._custom_types import Data, Key, LogTable, Scalar
@@ -48,7 +47,7 @@ def free_energy(
     ```
     """
     q = q.resolve(model, x)
-    if any(leaf is None for leaf in jax.tree_util.tree_leaves(q, is_leaf=lambda v: v is None)):
+    if not q.is_realised:
         raise ValueError(
             f"q={type(q).__name__}() has no parameters yet: pass a realised q such as "
             "ej.Categorical(logits), or q.initialize(model, x)"

@@ -37,6 +37,13 @@ class AbstractQ(eqx.Module):
         del model, x
         return self
 
+    @property
+    def is_realised(self) -> bool:
+        """Whether this q holds its per-datum parameters (a spec such as
+        ``ej.Categorical()`` does not)."""
+        leaves = jax.tree_util.tree_leaves(self, is_leaf=lambda v: v is None)
+        return not any(leaf is None for leaf in leaves)
+
     @abc.abstractmethod
     def initialize(self, model: Model, x: Data, *, key: Key | None = None) -> "AbstractQ":
         """A realised q for data ``x`` (returns ``self`` if already realised and valid)."""
@@ -107,6 +114,17 @@ def _weighted_table_sum(probs: Array, table: LogTable) -> PerDatum:
     return jnp.sum(jnp.where(nonzero, probs * safe_table, 0.0), axis=-1)
 
 
+def normalize_table(table: LogTable) -> tuple[Array, "Categorical"]:
+    r"""The exact posterior of a log-joint table: ``(log_normalizer (N, 1), Categorical)``,
+    with one exp per entry (``logsumexp`` then ``softmax`` would take two)."""
+    top = jnp.max(table, axis=-1, keepdims=True)
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    weights = jnp.exp(table - top)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    log_normalizer = top + jnp.log(total)
+    return log_normalizer, Categorical(table - log_normalizer, weights / total)
+
+
 def _check_discrete(q: AbstractQ, latent: AbstractLatent) -> Discrete:
     if not isinstance(latent, Discrete):
         raise TypeError(
@@ -125,6 +143,13 @@ class Categorical(AbstractQ):
     """
 
     logits: Array | None = None
+    # The normalised probabilities when they are already known (``normalize_table``), so
+    # that ``probs`` costs no second exp per entry. Internal; None otherwise.
+    known_probs: Array | None = eqx.field(default=None, repr=False)
+
+    @property
+    def is_realised(self) -> bool:
+        return self.logits is not None
 
     @property
     def log_probs(self) -> Array:
@@ -133,6 +158,8 @@ class Categorical(AbstractQ):
     @property
     def probs(self) -> Array:
         """Responsibilities $q_n(z{=}k)$, shape ``(N, K)``."""
+        if self.known_probs is not None:
+            return self.known_probs
         return jax.nn.softmax(self.logits, axis=-1)
 
     def initialize(self, model, x, *, key=None):

@@ -17,20 +17,20 @@ import jax.numpy as jnp
 
 from ._custom_types import Array, Data, Stats
 from ._model import Model
-from ._q import Categorical, num_data
+from ._q import normalize_table, num_data
 
 # Rows per chunk on CPU are chosen so that one chunk's table and data take about this many
 # elements (a few MB in float64: cache-sized, and large enough for efficient matmuls).
 _CPU_CHUNK_ELEMENTS = 2**17
 
 
-def default_chunk_size(model: Model, x: Data) -> int:
+def default_chunk_size(model: Model, x: Data, features: Any = None) -> int:
     """Rows per chunk: cache-sized on CPU; the whole data on accelerators (one chunk)."""
     n = num_data(x)
     if jax.default_backend() != "cpu":
         return n
     per_datum = model.latent.num_states + sum(
-        max(1, leaf[0].size) for leaf in jax.tree_util.tree_leaves(x)
+        max(1, leaf[0].size) for leaf in jax.tree_util.tree_leaves((x, features))
     )
     size = int(min(n, max(256, _CPU_CHUNK_ELEMENTS // per_datum)))
     # A size that divides N avoids a remainder chunk, which would compile a second copy
@@ -41,46 +41,74 @@ def default_chunk_size(model: Model, x: Data) -> int:
     return size
 
 
-def _chunk_statistics(model: Model, x: Data, split: Any = None) -> tuple[Stats, Array]:
-    table = model.log_joint_table(x)
-    log_normalizer = jax.nn.logsumexp(table, axis=-1, keepdims=True)
-    q = Categorical(table - log_normalizer)
-    stats = model.sufficient_statistics(x, q) if split is None else split.statistics(model, x, q)
+def _has_table_hook(model: Model) -> bool:
+    return type(model).log_joint_table is not Model.log_joint_table
+
+
+def _chunk_statistics(
+    model: Model, x: Data, split: Any, features: tuple | None, closed_form: bool
+) -> tuple[Stats, Array]:
+    if split is not None and (features is not None or not _has_table_hook(model)):
+        table = split.table(model, x, features)
+    else:
+        table = model.log_joint_table(x)
+    log_normalizer, q = normalize_table(table)
+    if closed_form:
+        stats = model.sufficient_statistics(x, q)
+    else:
+        stats = split.statistics(model, x, q, features)
     return stats, jnp.sum(log_normalizer)
 
 
 def statistics_pass(
-    model: Model, x: Data, *, chunk_size: int | None = None, split: Any = None
+    model: Model,
+    x: Data,
+    *,
+    chunk_size: int | None = None,
+    split: Any = None,
+    features: tuple | None = None,
+    closed_form: bool = True,
 ) -> tuple[Stats, Array]:
     r"""The exact posterior's expected statistics and $\sum_n \log p(x_n \mid \theta)$.
 
-    For a model with a ``Discrete`` latent, ``log_joint_table`` and additive
-    ``sufficient_statistics`` — or, with ``split`` (an ``_autostats.AffineSplit``), the
-    statistics it finds in ``log_joint``. The data are split into chunks of ``chunk_size`` rows
-    (default: ``default_chunk_size``); the statistics of the chunks are summed.
+    For a model with a ``Discrete`` latent. The statistics are the model's additive
+    ``sufficient_statistics`` (``closed_form=True``) or those that ``split`` (an
+    ``_autostats.AffineSplit`` of ``log_joint``) finds. With a ``split`` and its
+    ``datum_features(x)`` in ``features`` (computed once per fit), the log-joint table is
+    their matrix product with the split's coefficients, so the data-only part of
+    ``log_joint`` is not recomputed in every pass; otherwise it is ``log_joint_table``
+    (the split's, from features computed per chunk, when the model has no such hook).
+    The data are split into chunks of ``chunk_size`` rows (default: ``default_chunk_size``);
+    the statistics of the chunks are summed.
 
     **Returns:** ``(stats, total_log_evidence)``.
     """
+    if not closed_form and split is None:
+        raise ValueError("statistics_pass needs a split when closed_form=False")
     n = num_data(x)
-    size = default_chunk_size(model, x) if chunk_size is None else int(min(chunk_size, n))
+    size = default_chunk_size(model, x, features) if chunk_size is None else int(min(chunk_size, n))
     num_full, rest = divmod(n, size)
+
+    def chunk_statistics(m, data):
+        return _chunk_statistics(m, data[0], split, data[1], closed_form)
+
+    data = (x, features)
     if num_full <= 1 and rest == 0:
-        return _chunk_statistics(model, x, split)
+        return chunk_statistics(model, data)
     head = jax.tree_util.tree_map(
-        lambda leaf: leaf[: num_full * size].reshape(num_full, size, *leaf.shape[1:]), x
+        lambda leaf: leaf[: num_full * size].reshape(num_full, size, *leaf.shape[1:]), data
     )
 
     def body(carry, chunk):
-        stats, total = _chunk_statistics(model, chunk, split)
-        return jax.tree_util.tree_map(jnp.add, carry, (stats, total)), None
+        return jax.tree_util.tree_map(jnp.add, carry, chunk_statistics(model, chunk)), None
 
     first = jax.tree_util.tree_map(lambda leaf: leaf[0], head)
-    shapes = jax.eval_shape(lambda m, c: _chunk_statistics(m, c, split), model, first)
+    shapes = jax.eval_shape(chunk_statistics, model, first)
     init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (stats, total), _ = jax.lax.scan(body, init, head)
     if rest:
-        tail = jax.tree_util.tree_map(lambda leaf: leaf[num_full * size :], x)
+        tail = jax.tree_util.tree_map(lambda leaf: leaf[num_full * size :], data)
         stats, total = jax.tree_util.tree_map(
-            jnp.add, (stats, total), _chunk_statistics(model, tail, split)
+            jnp.add, (stats, total), chunk_statistics(model, tail)
         )
     return stats, total

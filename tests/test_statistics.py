@@ -95,7 +95,9 @@ def test_fit_through_small_chunks_with_a_remainder(monkeypatch):
     # 2**9 elements per chunk: 256 rows, so 200 + 3 rows make one full chunk and a remainder
     monkeypatch.setattr(_statistics, "_CPU_CHUNK_ELEMENTS", 2**9)
     model, x = _gmm("full", 3, 2, 403)
-    assert _statistics.default_chunk_size(model, jnp.asarray(x)) == 256  # no divisor of 403 in [128, 256]
+    assert (
+        _statistics.default_chunk_size(model, jnp.asarray(x)) == 256
+    )  # no divisor of 403 in [128, 256]
     _assert_same_fit(*_fit_both(model, x))
 
 
@@ -105,19 +107,27 @@ def test_map_fit_through_statistics():
     _assert_same_fit(*_fit_both(model, x, prior=prior))
 
 
-def test_statistics_path_is_used_only_for_exact_closed_form_em():
-    from elbo_jax._fit import _can_use_statistics
+def test_statistics_path_is_used_only_for_exact_em_on_a_discrete_model():
+    from elbo_jax._fit import _statistics_plan
     from elbo_jax._steps import ExactEStep, ExactMStep
 
-    model, _ = _gmm("diag", 2, 2, 10)
+    model, x = _gmm("diag", 2, 2, 10)
     exact = ExactEStep(), ExactMStep()
-    assert _can_use_statistics(model, ej.ExactPosterior(), *exact, None)
-    assert not _can_use_statistics(model, ej.Categorical(), *exact, None)
-    assert not _can_use_statistics(model, ej.PointMass(), *exact, None)
-    assert not _can_use_statistics(
-        model, ej.ExactPosterior(), ExactEStep(), ExactMStep(use_closed_form=False), None
+    # A GMM's log-joint is quadratic in x: closed form, no split.
+    assert _statistics_plan(model, x, ej.ExactPosterior(), *exact, None) == (True, None)
+    for q in (ej.Categorical(), ej.PointMass()):
+        assert _statistics_plan(model, x, q, *exact, None) == (False, None)
+    no_closed_form = ExactMStep(use_closed_form=False)
+    assert _statistics_plan(model, x, ej.ExactPosterior(), exact[0], no_closed_form, None) == (
+        False,
+        None,
     )
-    assert not _can_use_statistics(model, ej.ExactPosterior(), *exact, lambda m: 0.0)
+    assert _statistics_plan(model, x, ej.ExactPosterior(), *exact, lambda m: 0.0) == (False, None)
+    # A Poisson mixture's log-joint is affine in x and log x!: closed form and a split.
+    counts = jnp.asarray(np.random.default_rng(0).poisson(3.0, (10, 2)), jnp.float64)
+    poisson = ej.models.PoissonMixture(jnp.array([0.5, 0.5]), jnp.array([[1.0, 2.0], [3.0, 4.0]]))
+    closed_form, split = _statistics_plan(poisson, counts, ej.ExactPosterior(), *exact, None)
+    assert closed_form and split is not None and not any(split.per_state)
 
 
 # ------------------------------------------------------------ the GMM's table and statistics
