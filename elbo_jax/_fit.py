@@ -16,7 +16,7 @@ from ._latent import Discrete
 from ._model import Model, float_dtype, is_finite_tree
 from ._objective import Prior, _free_energy
 from ._q import AbstractQ, Categorical, ExactPosterior, num_data
-from ._statistics import statistics_pass
+from ._statistics import posterior_log_probs, statistics_pass
 from ._steps import (
     AbstractEStep,
     AbstractMStep,
@@ -120,6 +120,9 @@ class _State(eqx.Module):
     status: Array
     num_increases: Array
     stats: Any = None  # the exact posterior's statistics, when config.use_statistics
+    # Statistics path: the start's pass has not run yet. It runs as the loop's first trip,
+    # with no M-step, so the pass is compiled once.
+    pending: Array | None = None
 
 
 def _table(model: Model, x: Data, use_table: bool) -> Array | None:
@@ -130,10 +133,13 @@ def _table(model: Model, x: Data, use_table: bool) -> Array | None:
 def _initialize(
     model: Model, q: AbstractQ, x: Data, config: _Config, key: Key, features: Any = None
 ) -> _State:
-    stats = None
+    stats, pending = None, jnp.array(False)
     if config.use_statistics:
-        stats, objective = _statistics_objective(model, x, config, features)
+        shapes = jax.eval_shape(lambda m: _statistics_objective(m, x, config, features), model)
+        stats, objective = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        objective = jnp.full_like(objective, jnp.nan)
         e_state = m_state = None
+        pending = jnp.array(True)
     else:
         key, init_key, e_key, f_key = jr.split(key, 4)
         q = q.initialize(model, x, key=init_key)
@@ -157,6 +163,7 @@ def _initialize(
         status=jnp.array(Status.RUNNING, jnp.int32),
         num_increases=jnp.array(0, jnp.int32),
         stats=stats,
+        pending=pending,
     )
 
 
@@ -201,7 +208,15 @@ def _iterate(state: _State, x: Data, config: _Config, tol: Array, features: Any)
     if config.use_statistics:
         # Exact EM: the M-step is the closed form on the exact posterior's statistics, and the
         # E-step is one pass that leaves only the new statistics and F (q stays implicit).
-        model, m_state = _maximize(state.model, state.stats, config), state.m_state
+        # The first trip only makes the start's pass (no M-step).
+        model = jax.lax.cond(
+            state.pending,
+            lambda m, _: m,
+            lambda m, s: _maximize(m, s, config),
+            state.model,
+            state.stats,
+        )
+        m_state = state.m_state
         q, e_state = state.q, state.e_state
         stats, objective = _statistics_objective(model, x, config, features)
     else:
@@ -225,6 +240,9 @@ def _iterate(state: _State, x: Data, config: _Config, tol: Array, features: Any)
         Status.CONVERGED,
         jnp.where(iteration >= config.max_iters, Status.MAX_ITERS, Status.RUNNING),
     )
+    start = jnp.asarray(state.pending)  # this trip was the start's pass
+    iteration = jnp.where(start, state.iteration, iteration)
+    status = jnp.where(start, Status.RUNNING, status)
     new = _State(
         model=model,
         q=q,
@@ -232,12 +250,13 @@ def _iterate(state: _State, x: Data, config: _Config, tol: Array, features: Any)
         m_state=m_state,
         key=key,
         objective=objective,
-        initial_objective=state.initial_objective,
+        initial_objective=jnp.where(start, objective, state.initial_objective),
         iteration=iteration,
-        history=state.history.at[state.iteration].set(-objective),
+        history=jnp.where(start, state.history, state.history.at[state.iteration].set(-objective)),
         status=status.astype(jnp.int32),
-        num_increases=state.num_increases + increased.astype(jnp.int32),
+        num_increases=state.num_increases + (increased & ~start).astype(jnp.int32),
         stats=stats,
+        pending=jnp.zeros_like(start),
     )
     # A non-finite step is not taken: the state stays at the last finite iteration.
     kept = eqx.tree_at(lambda s: s.status, state, jnp.array(Status.NONFINITE, jnp.int32))
@@ -249,7 +268,7 @@ def _run(
     state: _State, x: Data, config: _Config, tol: Array, stop_at: Array, features: Any = None
 ) -> _State:
     def cond(s):
-        return (s.status == Status.RUNNING) & (s.iteration < stop_at)
+        return (s.status == Status.RUNNING) & ((s.iteration < stop_at) | s.pending)
 
     return jax.lax.while_loop(cond, lambda s: _iterate(s, x, config, tol, features), state)
 
@@ -260,8 +279,10 @@ def _solve(
 ) -> tuple[_State, AbstractQ]:
     features = _datum_features(x, config)
     state = _initialize.__wrapped__(model, q, x, config, key, features)
-    # A non-finite start runs no iteration (fit then raises).
-    stop_at = jnp.where(jnp.isfinite(state.objective), config.max_iters, 0).astype(jnp.int32)
+    # A non-finite start runs no iteration (fit then raises). On the statistics path the
+    # start's pass is the loop's first trip, which stops the loop if it is non-finite.
+    started = jnp.isfinite(state.objective) | state.pending
+    stop_at = jnp.where(started, config.max_iters, 0).astype(jnp.int32)
     state = _run.__wrapped__(state, x, config, tol, stop_at, features)
     return state, (
         _result_posterior(state.model, x, config, features) if config.use_statistics else state.q
@@ -269,11 +290,10 @@ def _solve(
 
 
 def _result_posterior(model: Model, x: Data, config: _Config, features: Any) -> AbstractQ:
-    """The exact posterior of the fitted model (the statistics path carries no q)."""
-    if config.split is not None and features is not None:
-        table = config.split.table(model, x, features)
-        return Categorical(table - jax.nn.logsumexp(table, axis=-1, keepdims=True))
-    return model.posterior(x)
+    """The exact posterior of the fitted model (the statistics path carries no q), chunk
+    by chunk as the statistics passes are."""
+    log_probs = posterior_log_probs(model, x, split=config.split, features=features)
+    return Categorical(log_probs)
 
 
 def _datum_features(x: Data, config: _Config) -> Any:
@@ -434,6 +454,8 @@ def fit(
     if progress:
         features = eqx.filter_jit(_datum_features)(x, config)
         state = _initialize(model, q, x, config, key, features)
+        if config.use_statistics:  # the start's pass: the loop's first trip
+            state = _run(state, x, config, tol_arr, jnp.asarray(0, jnp.int32), features)
         _check_initial(state)
         state = _run_with_progress(state, x, config, tol_arr, max_iters, features)
         result_q = (

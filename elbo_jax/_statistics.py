@@ -45,14 +45,54 @@ def _has_table_hook(model: Model) -> bool:
     return type(model).log_joint_table is not Model.log_joint_table
 
 
+def _table(model: Model, x: Data, split: Any, features: tuple | None) -> Array:
+    if split is not None and (features is not None or not _has_table_hook(model)):
+        return split.table(model, x, features)
+    return model.log_joint_table(x)
+
+
+def _chunks(data: Any, n: int, size: int) -> tuple[Any, Any]:
+    """``data`` as its full chunks of ``size`` rows stacked on a new leading axis (for
+    ``lax.scan`` / ``lax.map``), and the remainder (``None`` when ``size`` divides ``n``)."""
+    num_full, rest = divmod(n, size)
+    head = jax.tree_util.tree_map(
+        lambda leaf: leaf[: num_full * size].reshape(num_full, size, *leaf.shape[1:]), data
+    )
+    tail = None
+    if rest:
+        tail = jax.tree_util.tree_map(lambda leaf: leaf[num_full * size :], data)
+    return head, tail
+
+
+def posterior_log_probs(
+    model: Model,
+    x: Data,
+    *,
+    chunk_size: int | None = None,
+    split: Any = None,
+    features: tuple | None = None,
+) -> Array:
+    r"""$\log p(z_n{=}k \mid x_n, \theta)$, ``(N, K)``, computed chunk by chunk like
+    ``statistics_pass`` (a whole-data table would hold every data-only feature at once)."""
+    n = num_data(x)
+    size = default_chunk_size(model, x, features) if chunk_size is None else int(min(chunk_size, n))
+
+    def log_probs(data):
+        table = _table(model, data[0], split, data[1])
+        return table - jax.nn.logsumexp(table, axis=-1, keepdims=True)
+
+    if size >= n:
+        return log_probs((x, features))
+    head, tail = _chunks((x, features), n, size)
+    out = jax.lax.map(log_probs, head)
+    out = out.reshape(-1, out.shape[-1])
+    return out if tail is None else jnp.concatenate([out, log_probs(tail)])
+
+
 def _chunk_statistics(
     model: Model, x: Data, split: Any, features: tuple | None, closed_form: bool
 ) -> tuple[Stats, Array]:
-    if split is not None and (features is not None or not _has_table_hook(model)):
-        table = split.table(model, x, features)
-    else:
-        table = model.log_joint_table(x)
-    log_normalizer, q = normalize_table(table)
+    log_normalizer, q = normalize_table(_table(model, x, split, features))
     if closed_form:
         stats = model.sufficient_statistics(x, q)
     else:
@@ -87,17 +127,14 @@ def statistics_pass(
         raise ValueError("statistics_pass needs a split when closed_form=False")
     n = num_data(x)
     size = default_chunk_size(model, x, features) if chunk_size is None else int(min(chunk_size, n))
-    num_full, rest = divmod(n, size)
 
     def chunk_statistics(m, data):
         return _chunk_statistics(m, data[0], split, data[1], closed_form)
 
     data = (x, features)
-    if num_full <= 1 and rest == 0:
+    if size >= n:
         return chunk_statistics(model, data)
-    head = jax.tree_util.tree_map(
-        lambda leaf: leaf[: num_full * size].reshape(num_full, size, *leaf.shape[1:]), data
-    )
+    head, tail = _chunks(data, n, size)
 
     def body(carry, chunk):
         return jax.tree_util.tree_map(jnp.add, carry, chunk_statistics(model, chunk)), None
@@ -106,8 +143,7 @@ def statistics_pass(
     shapes = jax.eval_shape(chunk_statistics, model, first)
     init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (stats, total), _ = jax.lax.scan(body, init, head)
-    if rest:
-        tail = jax.tree_util.tree_map(lambda leaf: leaf[num_full * size :], data)
+    if tail is not None:
         stats, total = jax.tree_util.tree_map(
             jnp.add, (stats, total), chunk_statistics(model, tail)
         )
