@@ -101,3 +101,56 @@ def test_map_fit_with_found_statistics():
     fast = ej.fit(model, x, tol=0.0, max_iters=4, prior=prior)
     slow = ej.fit(model, x, q=ej.Categorical(), tol=0.0, max_iters=4, prior=prior)
     np.testing.assert_allclose(fast.history, slow.history, rtol=1e-8)
+
+
+# ------------------------------------------------------------ the table from features
+def _vmapped_table(model, x):
+    states = jnp.arange(model.latent.num_states)
+    return jax.vmap(lambda xn: jax.vmap(lambda z: model.log_joint(xn, z))(states))(x)
+
+
+@pytest.mark.parametrize("name, model, x", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("precomputed", [True, False])
+def test_table_from_features_equals_the_log_joint_of_every_datum_and_state(
+    name, model, x, precomputed
+):
+    x = jnp.asarray(x)
+    split = _autostats.affine_split(model, x)
+    other = _perturbed(model)
+    datum = split.datum_features(x) if precomputed else None
+    expected = _vmapped_table(other, x)
+    np.testing.assert_allclose(split.table(other, x, datum), expected, rtol=1e-12, atol=1e-12)
+    offsets, weights = split.coefficients(other)
+    assert offsets.shape == (other.latent.num_states,)
+    assert len(weights) == len(split.features)
+
+
+def test_built_in_models_split_into_features():
+    # The built-in Poisson and Bernoulli log-joints are affine in data features; the GMM's
+    # is quadratic.
+    counts = jnp.asarray(RNG.poisson(3.0, (30, 2)), jnp.float64)
+    pois = ej.models.PoissonMixture(jnp.array([0.4, 0.6]), jnp.array([[1.0, 2.0], [5.0, 0.5]]))
+    bits = jnp.asarray(RNG.integers(0, 2, (30, 4)), jnp.float64)
+    bern = ej.models.BernoulliMixture(jnp.array([0.5, 0.5]), jnp.full((2, 4), 0.3).at[1].set(0.8))
+    for model, x in ((pois, counts), (bern, bits)):
+        split = _autostats.affine_split(model, x)
+        assert split is not None
+        np.testing.assert_allclose(
+            split.table(model, x, split.datum_features(x)), model.log_joint_table(x), rtol=1e-12
+        )
+    gmm = ej.models.GaussianMixture(
+        jnp.array([0.5, 0.5]), jnp.zeros((2, 2)), jnp.ones((2, 2)), "diag"
+    )
+    assert _autostats.affine_split(gmm, counts) is None
+
+
+@pytest.mark.parametrize("name, model, x", CASES, ids=[c[0] for c in CASES])
+def test_fit_without_precomputed_features_is_the_same(name, model, x, monkeypatch):
+    from elbo_jax import _fit
+
+    with_features = ej.fit(model, x, tol=0.0, max_iters=3)
+    monkeypatch.setattr(_fit, "_MAX_FEATURE_RATIO", 0)  # features computed chunk by chunk
+    jax.clear_caches()
+    without = ej.fit(model, x, tol=0.0, max_iters=3)
+    np.testing.assert_allclose(without.history, with_features.history, rtol=1e-12)
+    np.testing.assert_allclose(without.q.probs, with_features.q.probs, rtol=1e-10, atol=1e-14)

@@ -185,3 +185,65 @@ def test_kmeans_start_covariances_are_cluster_scatters():
             init.covariances[k], np.cov(members.T, bias=True), rtol=1e-8, atol=1e-12
         )
         np.testing.assert_allclose(init.weights[k], len(members) / len(x), rtol=1e-10)
+
+
+# ------------------------------------------------------------ the result's posterior, in chunks
+@pytest.mark.parametrize("name, model, x", MODELS, ids=[m[0] for m in MODELS])
+@pytest.mark.parametrize("chunk_size", [None, 7, 10_000])
+def test_posterior_log_probs_in_chunks_equal_the_whole_posterior(name, model, x, chunk_size):
+    from elbo_jax import _autostats
+
+    x = jnp.asarray(x)
+    expected = model.posterior(x).log_probs
+    got = _statistics.posterior_log_probs(model, x, chunk_size=chunk_size)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+    split = _autostats.affine_split(model, x)
+    if split is not None:  # the Poisson and Bernoulli mixtures: the table from features
+        features = split.datum_features(x)
+        got = _statistics.posterior_log_probs(
+            model, x, chunk_size=chunk_size, split=split, features=features
+        )
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+        stats, total = _statistics.statistics_pass(
+            model, x, chunk_size=chunk_size, split=split, features=features
+        )
+        want = model.sufficient_statistics(x, model.posterior(x))
+        for key in want:
+            np.testing.assert_allclose(stats[key], want[key], rtol=1e-10, atol=1e-9)
+        np.testing.assert_allclose(total / x.shape[0], ej.log_evidence(model, x), rtol=1e-12)
+
+
+def test_statistics_path_keeps_the_last_finite_model():
+    # A closed-form M-step that overflows after a few iterations: the fit stops with
+    # NONFINITE and returns the last finite model and its posterior.
+    from helpers import poisson_data
+
+    class Overflowing(ej.Model):
+        log_rates: jax.Array
+        boost: jax.Array
+        latent = ej.Discrete(2)
+
+        def log_joint(self, x, z):
+            rate = jnp.exp(self.log_rates[z])
+            return x * self.log_rates[z] - rate - jax.scipy.special.gammaln(x + 1) - jnp.log(2.0)
+
+        def has_closed_form(self, prior):
+            return prior is None
+
+        def sufficient_statistics(self, x, q):
+            return {"counts": jnp.sum(q.probs, 0), "sums": q.probs.T @ x}
+
+        def maximize(self, stats, prior=None):
+            log_rates = jnp.log(stats["sums"] / stats["counts"]) + self.boost
+            return Overflowing(log_rates, self.boost * 8.0)
+
+    x = poisson_data(n=80, seed=3)
+    model = Overflowing(jnp.log(jnp.array([1.0, 6.0])), jnp.array(1.0))
+    with pytest.warns(RuntimeWarning) as record:  # the boosted M-steps also raise F
+        res = ej.fit(model, x, max_iters=20, tol=0.0)
+    assert any("a step made the free energy" in str(w.message) for w in record)
+    assert res.status == ej.Status.NONFINITE and 1 <= res.num_iters < 20
+    assert np.isfinite(res.history).all() and np.isfinite(res.initial_elbo)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(res.model))
+    np.testing.assert_allclose(res.history[-1], ej.log_evidence(res.model, x), rtol=1e-12)
+    np.testing.assert_allclose(res.q.probs, res.model.posterior(jnp.asarray(x)).probs, rtol=1e-10)
