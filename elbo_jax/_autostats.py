@@ -273,7 +273,7 @@ def _analyse(model: Model, x_avals: tuple) -> AffineSplit | None:
         x_tree = xs[0] if num_x == 1 else xs
         return m.log_joint(x_tree, args[-1])
 
-    z = jax.ShapeDtypeStruct((), jnp.arange(model.latent.num_states).dtype)
+    z = jax.ShapeDtypeStruct((), model.latent.dtype)
     try:
         closed = jax.make_jaxpr(flat)(*leaves, *x_avals, z)
     except Exception:  # noqa: BLE001 - any failure means: no split, use the generic path

@@ -9,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 
 from ._autostats import affine_split
 from ._custom_types import Array, Data, Key
@@ -312,12 +313,19 @@ _MAX_FEATURE_RATIO = 4
 
 
 def _check_initial(state: _State) -> None:
-    if not bool(jnp.isfinite(state.initial_objective)):
+    initial = float(state.initial_objective)  # on the host: no compiled isfinite
+    if not math.isfinite(initial):
         raise ValueError(
             "the initial model and q give a non-finite free energy "
-            f"({float(state.initial_objective)}); check the initial parameters and that "
+            f"({initial}); check the initial parameters and that "
             "log_joint is finite on the data"
         )
+
+
+def _unused_key() -> Key:
+    """A key for fits that draw nothing, made without compiling a seeding function."""
+    shape = jax.eval_shape(lambda: jr.key_data(jr.key(0)))
+    return jr.wrap_key_data(np.zeros(shape.shape, shape.dtype))
 
 
 def _is_inexact_struct(leaf: Any) -> bool:
@@ -423,7 +431,7 @@ def fit(
                 f"q={type(q).__name__}(...) takes Monte Carlo expectations, so fit needs a "
                 "random key: pass key=jax.random.key(...)"
             )
-        key = jr.key(0)  # deterministic steps draw nothing from it
+        key = _unused_key()  # deterministic steps draw nothing from it
 
     if isinstance(e_step, _OptaxStep):
         q_shape = eqx.filter_eval_shape(q.initialize, model, x, key=key)
@@ -488,7 +496,7 @@ def fit(
         model=state.model,
         q=result_q,
         history=state.history[:num_iters],
-        initial_elbo=-state.initial_objective,
+        initial_elbo=jnp.asarray(-np.asarray(state.initial_objective)),  # no compiled negation
         num_iters=num_iters,
         status=status,
         num_increases=num_increases,

@@ -3,6 +3,8 @@
 import math
 
 import equinox as eqx
+import jax
+import numpy as np
 
 
 class AbstractLatent(eqx.Module):
@@ -24,6 +26,11 @@ class Discrete(AbstractLatent):
     """
 
     num_states: int = eqx.field(static=True)
+
+    @property
+    def dtype(self):
+        """The dtype of z as elbo_jax enumerates it (``jnp.arange``'s: int32, or int64 with x64)."""
+        return jax.dtypes.canonicalize_dtype(np.int64)
 
     def __check_init__(self):
         if not isinstance(self.num_states, int) or isinstance(self.num_states, bool):

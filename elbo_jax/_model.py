@@ -1,7 +1,7 @@
 """The abstract ``Model``: a log-joint for one datum, plus optional fast-path hooks."""
 
 import abc
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -47,6 +47,14 @@ class Model(eqx.Module):
     """
 
     latent: eqx.AbstractVar[AbstractLatent]
+
+    # Exact EM on a Discrete latent reads log_joint for data-only values it uses affinely
+    # (_autostats) and, for a model without a log_joint_table hook, computes the table from
+    # them (computed once per fit). A model whose hook repeats data-only work in every call
+    # (the Poisson mixture's log x!) and loses no accuracy to the plain affine form sets this
+    # to take that path too; hooks that are more careful than log_joint (the Gaussian
+    # mixture's centring) keep the default, False.
+    _table_from_features: ClassVar[bool] = False
 
     @abc.abstractmethod
     def log_joint(self, x: Any, z: Any) -> Scalar:

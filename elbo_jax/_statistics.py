@@ -46,7 +46,9 @@ def _has_table_hook(model: Model) -> bool:
 
 
 def _table(model: Model, x: Data, split: Any, features: tuple | None) -> Array:
-    if split is not None and (features is not None or not _has_table_hook(model)):
+    """The log-joint table: from the split's features unless the model's own hook is to be
+    preferred (see ``Model._table_from_features``)."""
+    if split is not None and (model._table_from_features or not _has_table_hook(model)):
         return split.table(model, x, features)
     return model.log_joint_table(x)
 
@@ -113,11 +115,11 @@ def statistics_pass(
 
     For a model with a ``Discrete`` latent. The statistics are the model's additive
     ``sufficient_statistics`` (``closed_form=True``) or those that ``split`` (an
-    ``_autostats.AffineSplit`` of ``log_joint``) finds. With a ``split`` and its
-    ``datum_features(x)`` in ``features`` (computed once per fit), the log-joint table is
-    their matrix product with the split's coefficients, so the data-only part of
-    ``log_joint`` is not recomputed in every pass; otherwise it is ``log_joint_table``
-    (the split's, from features computed per chunk, when the model has no such hook).
+    ``_autostats.AffineSplit`` of ``log_joint``) finds. With a ``split`` (and ``features``,
+    its ``datum_features(x)`` computed once per fit, else computed per chunk), the
+    log-joint table is the features' matrix product with the split's coefficients for a
+    model without a ``log_joint_table`` hook or one that prefers it
+    (``Model._table_from_features``); otherwise it is the model's ``log_joint_table``.
     The data are split into chunks of ``chunk_size`` rows (default: ``default_chunk_size``);
     the statistics of the chunks are summed.
 

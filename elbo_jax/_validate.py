@@ -74,7 +74,7 @@ def check_log_joint(model: Model, x: Any) -> None:
     """``log_joint`` must give a scalar for one datum and one latent value."""
     latent = model.latent
     if isinstance(latent, Discrete):
-        z = jax.ShapeDtypeStruct((), jnp.arange(latent.num_states).dtype)  # as log_joint_table
+        z = jax.ShapeDtypeStruct((), latent.dtype)  # as log_joint_table enumerates it
     elif isinstance(latent, Real):
         z = jax.ShapeDtypeStruct(latent.shape, float_dtype(model))
     else:

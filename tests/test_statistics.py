@@ -247,3 +247,39 @@ def test_statistics_path_keeps_the_last_finite_model():
     assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(res.model))
     np.testing.assert_allclose(res.history[-1], ej.log_evidence(res.model, x), rtol=1e-12)
     np.testing.assert_allclose(res.q.probs, res.model.posterior(jnp.asarray(x)).probs, rtol=1e-10)
+
+
+def test_a_table_hook_is_kept_unless_the_model_prefers_features():
+    # A log-joint affine in x has a split; its table hook (here marked by a constant shift,
+    # which moves log p(x) but not the posterior) is what the pass uses, unless the class
+    # sets _table_from_features (as PoissonMixture does).
+    from elbo_jax import _autostats
+
+    class Hooked(ej.Model):
+        logits: jax.Array
+        latent = ej.Discrete(2)
+
+        def log_joint(self, x, z):
+            return jax.nn.log_softmax(self.logits)[z] + x * self.logits[z] - jnp.exp(self.logits[z])
+
+        def log_joint_table(self, x):
+            return (
+                jax.vmap(lambda xn: jax.vmap(lambda z: self.log_joint(xn, z))(jnp.arange(2)))(x)
+                + 1.0
+            )
+
+    class PrefersFeatures(Hooked):
+        _table_from_features = True
+
+    x = jnp.asarray(RNG.poisson(2.0, 20), jnp.float64)
+    exact = float(
+        jnp.sum(jax.nn.logsumexp(Hooked(jnp.array([0.2, 1.1])).log_joint_table(x) - 1.0, -1))
+    )
+    for cls, shift in ((Hooked, 20.0), (PrefersFeatures, 0.0)):
+        model = cls(jnp.array([0.2, 1.1]))
+        split = _autostats.affine_split(model, x)
+        assert split is not None
+        _, total = _statistics.statistics_pass(
+            model, x, split=split, features=split.datum_features(x), closed_form=False
+        )
+        np.testing.assert_allclose(float(total), exact + shift, rtol=1e-12)

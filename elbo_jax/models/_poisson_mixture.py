@@ -144,6 +144,9 @@ class PoissonMixture(AbstractMixture):
     weight_logits: Float[Array, " K"]
     log_rates: Float[Array, "K D"]
     min_rate: float = eqx.field(static=True)
+    # In fit's exact EM, x and log x! are computed once and each pass's table is their
+    # product with (log rates, -1) (see Model); the hook would redo gammaln every pass.
+    _table_from_features = True
 
     def __init__(self, weights: Any, rates: Any, *, min_rate: float = DEFAULT_MIN_RATE):
         min_rate = _check_positive_number("min_rate", min_rate)
