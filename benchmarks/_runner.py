@@ -33,6 +33,12 @@ def _settings(quick: bool) -> dict:
     env = os.environ.get
     return {
         "max_repeats": 3,
+        # Each timed contender runs this many times, the contenders of a workload and dtype
+        # interleaved (A B C A B C): on a machine whose speed drifts, each contender's best
+        # comes from a comparable state. A round is repeated only if it took at most
+        # round_budget_s.
+        "rounds": int(env("ELBO_JAX_BENCH_ROUNDS", 1 if quick else 2)),
+        "round_budget_s": 60.0,
         "peer_repeats": 1 if quick else 2,
         "cheap_s": float(env("ELBO_JAX_BENCH_CHEAP_S", 10 if quick else 30)),
         "peer_cheap_s": 10.0,
@@ -160,6 +166,30 @@ def _row(w, n, contender, dtype, iters, report, x, settings) -> dict:
     return row
 
 
+def _merge_rounds(reports: list) -> dict:
+    """One report from a contender's rounds: the round with the best warm time (its
+    parameters, history and notes), with every round's warm times, the smallest first-call
+    overhead (first call minus best warm call) of any round, and the largest peak memory."""
+    good = [r for r in reports if "error" not in r]
+    if not good:
+        return reports[0]
+    best = min(good, key=lambda r: min(r["result"]["warm_s"]))
+    merged = dict(best, result=dict(best["result"]))
+    res = merged["result"]
+    res["warm_s"] = [t for r in good for t in r["result"]["warm_s"]]
+    overheads = [
+        r["result"]["first_s"] - min(r["result"]["warm_s"])
+        for r in good
+        if r["result"].get("first_s") is not None
+    ]
+    if overheads:
+        res["first_s"] = min(res["warm_s"]) + min(overheads)
+    peaks = [r.get("peak_mib") for r in good if r.get("peak_mib") is not None]
+    merged["peak_mib"] = max(peaks) if peaks else None
+    merged["rounds"] = len(good)
+    return merged
+
+
 def run_workload(
     w, *, quick, scale, in_process, settings, available, methods
 ) -> tuple[list, list, dict]:
@@ -169,27 +199,38 @@ def run_workload(
     x64 = np.load(_workloads.data_path(w, n, "float64"))  # for scoring, in float64
     rows = []
     for dtype in w.dtypes:
+        reports: dict[str, list] = {}
+        again = set(CONTENDERS[w.family])
+        for round_ in range(max(1, settings["rounds"])):
+            for contender in CONTENDERS[w.family]:
+                if contender not in again:
+                    continue
+                task = {
+                    "workload": w.name,
+                    "n": n,
+                    "contender": contender,
+                    "dtype": dtype,
+                    "family": w.family,
+                    "covariance_type": w.covariance_type,
+                    "iters": iters,
+                    **settings,
+                }
+                why_not = available.get(contender)
+                if why_not:
+                    report, took = {"error": f"skipped: {why_not}"}, 0.0
+                else:
+                    t = time.perf_counter()
+                    report = run_task(task, in_process, settings["timeout_s"])
+                    took = time.perf_counter() - t
+                    log(
+                        f"[{w.name} {dtype} {contender} round {round_ + 1}] {took:.1f} s"
+                        + (f" -- {report['error']}" if "error" in report else "")
+                    )
+                reports.setdefault(contender, []).append(report)
+                if why_not or "error" in report or took > settings["round_budget_s"]:
+                    again.discard(contender)
         for contender in CONTENDERS[w.family]:
-            task = {
-                "workload": w.name,
-                "n": n,
-                "contender": contender,
-                "dtype": dtype,
-                "family": w.family,
-                "covariance_type": w.covariance_type,
-                "iters": iters,
-                **settings,
-            }
-            why_not = available.get(contender)
-            if why_not:
-                report = {"error": f"skipped: {why_not}"}
-            else:
-                t = time.perf_counter()
-                report = run_task(task, in_process, settings["timeout_s"])
-                log(
-                    f"[{w.name} {dtype} {contender}] {time.perf_counter() - t:.1f} s"
-                    + (f" -- {report['error']}" if "error" in report else "")
-                )
+            report = _merge_rounds(reports[contender])
             rows.append(_row(w, n, contender, dtype, iters, report, x64, settings))
     grad_rows = []
     methods = [m for m in methods if m in w.grad_methods]

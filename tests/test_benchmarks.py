@@ -173,3 +173,18 @@ def test_pomegranate_rows(run):
         pytest.skip("pomegranate or torch not installed")
     for r in rows:
         assert not r["status"].startswith("failed"), r["status"]
+
+
+def test_rounds_merge_to_the_best_warm_time_and_the_smallest_overhead():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks._runner import _merge_rounds
+
+    slow = {"result": {"warm_s": [2.0, 2.5], "first_s": 3.0, "params": "slow"}, "peak_mib": 10}
+    fast = {"result": {"warm_s": [1.5, 1.8], "first_s": 4.0, "params": "fast"}, "peak_mib": 12}
+    merged = _merge_rounds([slow, {"error": "timed out"}, fast])
+    assert merged["result"]["params"] == "fast" and merged["rounds"] == 2
+    assert sorted(merged["result"]["warm_s"]) == [1.5, 1.8, 2.0, 2.5]
+    assert merged["result"]["first_s"] == 1.5 + 1.0  # best warm + the smaller overhead (3 - 2)
+    assert merged["peak_mib"] == 12
+    assert _merge_rounds([{"error": "x"}]) == {"error": "x"}

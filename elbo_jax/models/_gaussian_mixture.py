@@ -92,6 +92,14 @@ def _quadratic_features(xc: Float[Array, "N D"]) -> Float[Array, "N T"]:
     return xc[:, rows] * xc[:, cols]  # two gathers: compiles faster than D slices concatenated
 
 
+def _features(xc: Float[Array, "N D"], covariance_type: str) -> Array:
+    r"""The data-only features of the table and the statistics, second order first:
+    diag $[\tilde x^2, \tilde x]$ ``(N, 2D)``; full $[\tilde x_i\tilde x_j\ (i \le j),
+    \tilde x]$ ``(N, D(D+1)/2 + D)``. One matmul against them beats two against the halves."""
+    second = xc**2 if covariance_type == "diag" else _quadratic_features(xc)
+    return jnp.concatenate([second, xc], axis=1)
+
+
 # --------------------------------------------------------------------------- model
 @final
 class GaussianMixture(AbstractMixture):
@@ -257,32 +265,30 @@ class GaussianMixture(AbstractMixture):
         r"""The table $T_{nk} = \log w_k + \log\mathcal N(x_n\mid\mu_k,\Sigma_k)$, ``(N, K)``.
 
         Everything is computed about the data mean $c$, with $\tilde x_n = x_n - c$ and
-        $\delta_k = \mu_k - c$, so nothing cancels badly in float32 and the data-only terms
-        ($\tilde x$, its squares or products) do not depend on the parameters: inside
-        ``fit`` XLA computes them once, outside the loop. Diag: $\sum_d p_{kd}^2
-        (\tilde x_{nd} - \delta_{kd})^2$ expanded into two matmuls against $\tilde x^2$
-        and $\tilde x$. Full: in float64, when $D(D+1)/2 \le KD$, the quadratic form
-        $\tilde x^\top P_k \tilde x$ ($P_k = \Sigma_k^{-1}$) is one matmul against the
-        $D(D+1)/2$ products $\tilde x_i\tilde x_j$; otherwise $\|A_k(\tilde x_n -
-        \delta_k)\|^2$ from one $(N, D) \times (D, KD)$ matmul.
+        $\delta_k = \mu_k - c$, so nothing cancels badly in float32. Diag: $\sum_d p_{kd}^2
+        (\tilde x_{nd} - \delta_{kd})^2$ expanded into one matmul of the data-only features
+        $[\tilde x^2, \tilde x]$. Full: in float64, when $D(D+1)/2 \le KD$, the quadratic
+        form $\tilde x^\top P_k \tilde x - 2\tilde x^\top P_k\delta_k$
+        ($P_k = \Sigma_k^{-1}$) is one matmul of the features $[\tilde x_i\tilde x_j\
+        (i \le j), \tilde x]$; otherwise $\|A_k(\tilde x_n - \delta_k)\|^2$ from one
+        $(N, D) \times (D, KD)$ matmul. ``sufficient_statistics`` uses the same features, so
+        in a fit's pass XLA computes them once for both.
         """
         shift = jnp.mean(x, axis=0)
         xc = x - shift[None]
         delta = self.loc - shift[None]
         if self.covariance_type == "diag":
             p2 = self._precision_factor**2
-            quad = (xc**2) @ p2.T - 2 * xc @ (delta * p2).T + jnp.sum(delta**2 * p2, axis=-1)[None]
+            weight = jnp.concatenate([p2, -2 * delta * p2], axis=1)  # (K, 2D)
+            quad = _features(xc, "diag") @ weight.T + jnp.sum(delta**2 * p2, axis=-1)[None]
         elif _use_quadratic_features(self.dim, self.num_components, x.dtype):
             factor = self._precision_factor
             precision = jnp.einsum("kai,kaj->kij", factor, factor)  # A^T A
             rows, cols = _triu_indices(self.dim)
-            weight = 2 * precision - precision * _eye(self.dim, x.dtype)[None]
+            upper = 2 * precision - precision * _eye(self.dim, x.dtype)[None]
             p_delta = jnp.einsum("kij,kj->ki", precision, delta)
-            quad = (
-                _quadratic_features(xc) @ weight[:, rows, cols].T
-                - 2 * xc @ p_delta.T
-                + jnp.sum(p_delta * delta, axis=-1)[None]
-            )
+            weight = jnp.concatenate([upper[:, rows, cols], -2 * p_delta], axis=1)  # (K, T + D)
+            quad = _features(xc, "full") @ weight.T + jnp.sum(p_delta * delta, axis=-1)[None]
         else:
             factor = self._precision_factor
             k, d = self.num_components, self.dim
@@ -327,14 +333,15 @@ class GaussianMixture(AbstractMixture):
         shift = jnp.mean(x, axis=0)
         xc = x - shift[None]
         delta = self.loc - shift[None]
-        first_c = resp.T @ xc
+        d = self.dim
+        sums = resp.T @ _features(xc, self.covariance_type)  # one matmul: [second, first]
+        first_c = sums[:, -d:]
         first = first_c - counts[:, None] * delta
         if not full:
-            second = resp.T @ xc**2 - 2 * delta * first_c + counts[:, None] * delta**2
+            second = sums[:, :d] - 2 * delta * first_c + counts[:, None] * delta**2
         else:
-            d = self.dim
             rows, cols = _triu_indices(d)
-            upper = resp.T @ _quadratic_features(xc)
+            upper = sums[:, :-d]
             second_c = jnp.zeros((self.num_components, d, d), dtype).at[:, rows, cols].set(upper)
             second_c = second_c + jnp.swapaxes(jnp.triu(second_c, 1), -1, -2)
             cross = jnp.einsum("ki,kj->kij", delta, first_c)
