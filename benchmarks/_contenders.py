@@ -155,6 +155,15 @@ def run_elbo_jax(task: dict, x: np.ndarray, init: dict) -> dict:
     xj = jnp.asarray(x)
     model = _ej_model(task, init, x.dtype)
     res, first, warm = _fit_timed(model, xj, task["iters"], None, task)
+    return dict(
+        _fit_report(res, first, warm),
+        num_increases=res.num_increases,
+        device_peak_mib=_device_peak_mib(),
+    )
+
+
+def _fit_report(res, first: float, warm: list) -> dict:
+    """What every elbo_jax row reports of a timed fit."""
     return {
         "params": _ej_params(res.model),
         "first_s": first,
@@ -162,8 +171,6 @@ def run_elbo_jax(task: dict, x: np.ndarray, init: dict) -> dict:
         "iters": res.num_iters,
         "status": res.status.name,
         "history": np.asarray(res.history, np.float64).tolist(),
-        "num_increases": res.num_increases,
-        "device_peak_mib": _device_peak_mib(),
     }
 
 
@@ -181,14 +188,7 @@ def run_gradients(task: dict, x: np.ndarray, init: dict) -> dict:
         except Exception as err:  # noqa: BLE001 - one failing optimizer must not sink the rest
             out[method] = {"status": f"failed: {type(err).__name__}: {str(err)[:200]}"}
             continue
-        out[method] = {
-            "params": _ej_params(res.model),
-            "first_s": first,
-            "warm_s": warm,
-            "iters": res.num_iters,
-            "status": res.status.name,
-            "history": np.asarray(res.history, np.float64).tolist(),
-        }
+        out[method] = _fit_report(res, first, warm)
     return {"methods": out}
 
 

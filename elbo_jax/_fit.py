@@ -15,7 +15,7 @@ from ._autostats import affine_split
 from ._custom_types import Array, Data, Key
 from ._latent import Discrete
 from ._model import Model, float_dtype, is_finite_tree
-from ._objective import Prior, _free_energy
+from ._objective import Prior, _free_energy, _with_prior
 from ._q import AbstractQ, Categorical, ExactPosterior, num_data
 from ._statistics import posterior_log_probs, statistics_pass
 from ._steps import (
@@ -175,10 +175,7 @@ def _statistics_objective(
     stats, total = statistics_pass(
         model, x, split=config.split, features=features, closed_form=config.closed_form
     )
-    objective = -total / num_data(x)
-    if config.prior is not None:
-        objective = objective - jnp.asarray(config.prior(model), objective.dtype) / num_data(x)
-    return stats, objective
+    return stats, _with_prior(-total / num_data(x), model, config.prior, num_data(x))
 
 
 def _maximize(model: Model, stats: Any, config: _Config) -> Model:
@@ -192,10 +189,7 @@ def _maximize(model: Model, stats: Any, config: _Config) -> Model:
 
     def loss(p):
         m = eqx.combine(p, static)
-        value = config.split.objective(m, stats)
-        if config.prior is not None:
-            value = value + jnp.asarray(config.prior(m), value.dtype)
-        return -value / total
+        return _with_prior(-config.split.objective(m, stats) / total, m, config.prior, total)
 
     m_step = config.m_step
     params = minimize_lbfgs(loss, params, max_steps=m_step.max_steps, tol=m_step.tol)
@@ -278,7 +272,7 @@ def _run(
 def _solve(
     model: Model, q: AbstractQ, x: Data, config: _Config, key: Key, tol: Array
 ) -> tuple[_State, AbstractQ]:
-    features = _datum_features(x, config)
+    features = _datum_features.__wrapped__(x, config)
     state = _initialize.__wrapped__(model, q, x, config, key, features)
     # A non-finite start runs no iteration (fit then raises). On the statistics path the
     # start's pass is the loop's first trip, which stops the loop if it is non-finite.
@@ -286,10 +280,13 @@ def _solve(
     stop_at = jnp.where(started, config.max_iters, 0).astype(jnp.int32)
     state = _run.__wrapped__(state, x, config, tol, stop_at, features)
     return state, (
-        _result_posterior(state.model, x, config, features) if config.use_statistics else state.q
+        _result_posterior.__wrapped__(state.model, x, config, features)
+        if config.use_statistics
+        else state.q
     )
 
 
+@eqx.filter_jit
 def _result_posterior(model: Model, x: Data, config: _Config, features: Any) -> AbstractQ:
     """The exact posterior of the fitted model (the statistics path carries no q), chunk
     by chunk as the statistics passes are."""
@@ -297,6 +294,7 @@ def _result_posterior(model: Model, x: Data, config: _Config, features: Any) -> 
     return Categorical(log_probs)
 
 
+@eqx.filter_jit
 def _datum_features(x: Data, config: _Config) -> Any:
     """The found split's per-datum features, computed once per fit (they do not change
     between iterations), unless they would take more than ``_MAX_FEATURE_RATIO`` times
@@ -460,14 +458,14 @@ def fit(
     dtype = float_dtype(model)
     tol_arr = jnp.asarray(tol, dtype)
     if progress:
-        features = eqx.filter_jit(_datum_features)(x, config)
+        features = _datum_features(x, config)
         state = _initialize(model, q, x, config, key, features)
         if config.use_statistics:  # the start's pass: the loop's first trip
             state = _run(state, x, config, tol_arr, jnp.asarray(0, jnp.int32), features)
         _check_initial(state)
         state = _run_with_progress(state, x, config, tol_arr, max_iters, features)
         result_q = (
-            eqx.filter_jit(_result_posterior)(state.model, x, config, features)
+            _result_posterior(state.model, x, config, features)
             if config.use_statistics
             else state.q
         )

@@ -1,6 +1,7 @@
 r"""The one objective: the variational free energy $F(q, \theta)$, and $\log p(x \mid \theta)$."""
 
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -68,10 +69,14 @@ def _free_energy(
     """``free_energy`` for a realised, checked q; ``table`` reuses a computed log-joint table."""
     expected = q.expected_log_joint(model, x, key=key, table=table)
     entropy = q.entropy().astype(expected.dtype)
-    value = -jnp.mean(expected + entropy)
-    if prior is not None:
-        value = value - jnp.asarray(prior(model), value.dtype) / num_data(x)
-    return value
+    return _with_prior(-jnp.mean(expected + entropy), model, prior, num_data(x))
+
+
+def _with_prior(value: Scalar, model: Model, prior: Prior, n: Any) -> Scalar:
+    r"""F per datum with the prior's term: ``value`` $- \log p(\theta)/n$ (MAP-EM)."""
+    if prior is None:
+        return value
+    return value - jnp.asarray(prior(model), value.dtype) / n
 
 
 @eqx.filter_jit

@@ -53,6 +53,12 @@ def _table(model: Model, x: Data, split: Any, features: tuple | None) -> Array:
     return model.log_joint_table(x)
 
 
+def _chunk_size(model: Model, x: Data, features: Any, chunk_size: int | None) -> int:
+    if chunk_size is None:
+        return default_chunk_size(model, x, features)
+    return int(min(chunk_size, num_data(x)))
+
+
 def _chunks(data: Any, n: int, size: int) -> tuple[Any, Any]:
     """``data`` as its full chunks of ``size`` rows stacked on a new leading axis (for
     ``lax.scan`` / ``lax.map``), and the remainder (``None`` when ``size`` divides ``n``)."""
@@ -77,7 +83,7 @@ def posterior_log_probs(
     r"""$\log p(z_n{=}k \mid x_n, \theta)$, ``(N, K)``, computed chunk by chunk like
     ``statistics_pass`` (a whole-data table would hold every data-only feature at once)."""
     n = num_data(x)
-    size = default_chunk_size(model, x, features) if chunk_size is None else int(min(chunk_size, n))
+    size = _chunk_size(model, x, features, chunk_size)
 
     def log_probs(data):
         table = _table(model, data[0], split, data[1])
@@ -128,7 +134,7 @@ def statistics_pass(
     if not closed_form and split is None:
         raise ValueError("statistics_pass needs a split when closed_form=False")
     n = num_data(x)
-    size = default_chunk_size(model, x, features) if chunk_size is None else int(min(chunk_size, n))
+    size = _chunk_size(model, x, features, chunk_size)
 
     def chunk_statistics(m, data):
         return _chunk_statistics(m, data[0], split, data[1], closed_form)
