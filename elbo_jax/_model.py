@@ -41,8 +41,9 @@ class Model(eqx.Module):
     - ``posterior(x)``: the exact $p(z \mid x_n)$ as a recognition distribution
       (required for an exact E-step with a ``Real`` latent);
     - ``log_marginal(x)``: $\log p(x_n \mid \theta)$ per datum (``Real`` latents);
-    - ``has_closed_form(prior)``, ``sufficient_statistics(x, q)``, ``maximize(stats, prior)``:
-      a closed-form M-step from additive expected sufficient statistics;
+    - ``has_closed_form(prior)``, ``sufficient_statistics(x, q, *, weights)``,
+      ``maximize(stats, prior)``, ``complete_data_statistics(num_data)``: a closed-form M-step
+      from expected sufficient statistics that merge (the statistics contract, ``_statistics``);
     - ``check_data(x)``: raise a clear ``ValueError`` for data of the wrong shape.
     """
 
@@ -110,12 +111,24 @@ class Model(eqx.Module):
         del prior
         return False
 
-    def sufficient_statistics(self, x: Data, q: "AbstractQ") -> Stats:
-        r"""Expected sufficient statistics $\sum_n E_{q_n}[s(x_n, z)]$, an additive pytree.
+    def sufficient_statistics(
+        self, x: Data, q: "AbstractQ", *, weights: PerDatum | None = None
+    ) -> Stats:
+        r"""Expected sufficient statistics $\sum_n w_n E_{q_n}[s(x_n, z)]$ of the data ``x``.
 
-        Sums over data, so statistics of shards or minibatches add up.
+        ``weights`` ``(N,)`` weighs each datum (``None``: all 1; elbo_jax gives padded rows
+        weight 0). The result follows the statistics contract (``_statistics``): statistics
+        of chunks, shards, minibatches and of models at other $\theta$ merge exactly with
+        ``merge_statistics``; a plain pytree of sums merges by addition.
         """
         raise NotImplementedError(f"{type(self).__name__} has no sufficient_statistics hook")
+
+    def complete_data_statistics(self, num_data: Any) -> Stats:
+        r"""The model's own expected complete-data statistics at $\theta$:
+        $E_{p(x, z \mid \theta)}[\sum_{n=1}^{m} s(x_n, z_n)]$ for ``num_data`` $= m$ data drawn
+        from the model itself, so that ``maximize`` of them (no prior) gives back $\theta$
+        (up to floors such as ``reg_covar``). Online EM's inertia and ``combine`` use them."""
+        raise NotImplementedError(f"{type(self).__name__} has no complete_data_statistics hook")
 
     def maximize(self, stats: Stats, prior: Any = None) -> "Model":
         """The closed-form M-step: the parameters that maximise the expected log-joint

@@ -10,14 +10,58 @@ At the exact posterior the free energy is $F = -\frac1N\sum_n \log p(x_n\mid\the
 the same pass gives the objective: the sum of the log-normalisers.
 """
 
+import abc
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from ._custom_types import Array, Data, Stats
 from ._model import Model
 from ._q import normalize_table, num_data
+
+
+# --------------------------------------------------------------------------- the contract
+class AbstractStatistics(eqx.Module):
+    r"""Expected sufficient statistics that are not plain sums of arrays.
+
+    **The statistics contract.** A model with a closed-form M-step returns from
+    ``sufficient_statistics(x, q, *, weights=None)`` the statistics
+    $\sum_n w_n E_{q_n}[s(x_n, z)]$ of the data it is given. Statistics of any two sets of
+    data — chunks, shards, minibatches, or data seen by models at different $\theta$ —
+    **merge** exactly (up to rounding) with ``merge_statistics``, a commutative and associative
+    operation; ``maximize`` of the merged statistics is the M-step on the union of the data.
+    ``scale_statistics(s, c)`` multiplies the weight of every datum by ``c`` (online EM's
+    $(1-\rho)\,s$). A plain pytree of arrays (a dict of sums) is merged by adding leaves.
+    Statistics that need more than a sum — a shift carried inside them so that float32 keeps
+    its accuracy, for example — subclass this and define ``merge`` and ``scale``. Statistics
+    whose leaves are all zero (no data) must be neutral: ``merge(zeros, s) == s``, since
+    reductions start from them.
+    """
+
+    @abc.abstractmethod
+    def merge(self, other: Any) -> Any:
+        """The statistics of the union of the data of ``self`` and ``other``."""
+
+    @abc.abstractmethod
+    def scale(self, factor: Any) -> Any:
+        """The statistics with every datum's weight multiplied by ``factor``."""
+
+
+def merge_statistics(a: Stats, b: Stats) -> Stats:
+    """Merge two statistics of the same model structure (see ``AbstractStatistics``)."""
+    if isinstance(a, AbstractStatistics):
+        return a.merge(b)
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def scale_statistics(stats: Stats, factor: Any) -> Stats:
+    """``stats`` with every datum's weight multiplied by ``factor``."""
+    if isinstance(stats, AbstractStatistics):
+        return stats.scale(factor)
+    return jax.tree_util.tree_map(lambda leaf: leaf * jnp.asarray(factor, leaf.dtype), stats)
+
 
 # Rows per chunk on CPU are chosen so that one chunk's table and data take about this many
 # elements (a few MB in float64: cache-sized, and large enough for efficient matmuls).
@@ -144,15 +188,16 @@ def statistics_pass(
         return chunk_statistics(model, data)
     head, tail = _chunks(data, n, size)
 
+    def merge(a, b):
+        return merge_statistics(a[0], b[0]), a[1] + b[1]
+
     def body(carry, chunk):
-        return jax.tree_util.tree_map(jnp.add, carry, chunk_statistics(model, chunk)), None
+        return merge(carry, chunk_statistics(model, chunk)), None
 
     first = jax.tree_util.tree_map(lambda leaf: leaf[0], head)
     shapes = jax.eval_shape(chunk_statistics, model, first)
     init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (stats, total), _ = jax.lax.scan(body, init, head)
     if tail is not None:
-        stats, total = jax.tree_util.tree_map(
-            jnp.add, (stats, total), chunk_statistics(model, tail)
-        )
+        stats, total = merge((stats, total), chunk_statistics(model, tail))
     return stats, total
