@@ -206,9 +206,14 @@ class AffineSplit(eqx.Module):
                 table = table + f.reshape(n, -1).astype(w.dtype) @ w.T
         return table
 
-    def statistics(self, model: Model, x: Data, q: Any, datum: tuple | None = None) -> Stats:
-        r"""``{"counts": n_k, "features": [Φ_k per feature]}`` for responsibilities ``q.probs``."""
+    def statistics(
+        self, model: Model, x: Data, q: Any, datum: tuple | None = None, weights: Any = None
+    ) -> Stats:
+        r"""``{"counts": n_k, "features": [Φ_k per feature]}`` for responsibilities ``q.probs``
+        (each datum's weighted by ``weights``, if given)."""
         resp = q.probs
+        if weights is not None:
+            resp = resp * weights.astype(resp.dtype)[:, None]
         sums = []
         values = self._all_features(x, datum, model.latent.num_states)
         for f, depends in zip(values, self.per_state, strict=True):

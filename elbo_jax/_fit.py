@@ -1,8 +1,9 @@
-"""``fit``: coordinate descent on the free energy, compiled whole."""
+"""``fit``: the host driver. It checks the input, chooses a solver, pads (and shards) the
+data, runs the solver's compiled loop, and reports: warnings, progress, ``FitResult``."""
 
-import enum
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -11,13 +12,15 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+from . import _data
 from ._autostats import affine_split
 from ._custom_types import Array, Data, Key
 from ._latent import Discrete
-from ._model import Model, float_dtype, is_finite_tree
-from ._objective import Prior, _free_energy, _with_prior
-from ._q import AbstractQ, Categorical, ExactPosterior, num_data
-from ._statistics import posterior_log_probs, statistics_pass
+from ._model import Model, float_dtype
+from ._objective import Prior
+from ._q import AbstractQ, ExactPosterior, num_data
+from ._solvers import HISTORY_SIZE, CoordinateDescent, LoopState, StatisticsEM, Status, run, solve
+from ._solvers._base import AbstractSolver
 from ._steps import (
     AbstractEStep,
     AbstractMStep,
@@ -25,36 +28,8 @@ from ._steps import (
     ExactMStep,
     GradientEStep,
     _OptaxStep,
-    minimize_lbfgs,
 )
 from ._validate import check_log_joint, check_model, prepare_data
-
-
-class Status(enum.IntEnum):
-    """Why a fit stopped. ``Status.X.message`` says it in words."""
-
-    RUNNING = 0
-    CONVERGED = 1
-    MAX_ITERS = 2
-    NONFINITE = 3
-
-    @property
-    def message(self) -> str:
-        return _MESSAGES[self]
-
-    def __str__(self) -> str:
-        return self.name
-
-
-_MESSAGES = {
-    Status.RUNNING: "the fit has not finished",
-    Status.CONVERGED: "converged: the free energy per datum changed by less than tol",
-    Status.MAX_ITERS: "stopped at max_iters before the free energy settled to within tol",
-    Status.NONFINITE: (
-        "a step made the free energy or the parameters non-finite; "
-        "the model and q are those of the last finite iteration"
-    ),
-}
 
 
 class FitResult(eqx.Module):
@@ -67,6 +42,8 @@ class FitResult(eqx.Module):
     - ``status``: a ``Status``; ``converged`` and ``message`` say the same.
     - ``num_increases``: how many iterations of an exact E-step and exact M-step raised $F$
       beyond rounding (should be 0; anything else is reported with a warning).
+    - ``restart_elbos``: with ``restarts=R``, the final ELBO of every restart ``(R,)``
+      (the result is the best of them); ``None`` otherwise.
     """
 
     model: Model
@@ -76,6 +53,7 @@ class FitResult(eqx.Module):
     num_iters: int = eqx.field(static=True)
     status: Status = eqx.field(static=True)
     num_increases: int = eqx.field(static=True)
+    restart_elbos: Array | None = None
 
     @property
     def converged(self) -> bool:
@@ -89,235 +67,6 @@ class FitResult(eqx.Module):
     def elbo(self) -> Array:
         """The final ELBO per datum (MAP: plus $\\log p(\\theta)/N$)."""
         return self.history[-1] if self.num_iters else self.initial_elbo
-
-
-class _Config(eqx.Module):
-    e_step: AbstractEStep
-    m_step: AbstractMStep
-    prior: Any
-    max_iters: int = eqx.field(static=True)
-    use_table: bool = eqx.field(static=True)
-    # Exact EM through statistics: each iteration is maximize(stats) then one statistics_pass.
-    use_statistics: bool = eqx.field(static=True, default=False)
-    # On the statistics path: the M-step is the model's closed form (else L-BFGS on the
-    # objective the found statistics determine).
-    closed_form: bool = eqx.field(static=True, default=False)
-    # log_joint split into data features and a part affine in them (_autostats.AffineSplit),
-    # or None. It gives the table on the statistics path, and the statistics when there is
-    # no closed form.
-    split: Any = None
-
-
-class _State(eqx.Module):
-    model: Model
-    q: AbstractQ
-    e_state: Any
-    m_state: Any
-    key: Key
-    objective: Array
-    initial_objective: Array
-    iteration: Array
-    history: Array
-    status: Array
-    num_increases: Array
-    stats: Any = None  # the exact posterior's statistics, when config.use_statistics
-    # Statistics path: the start's pass has not run yet. It runs as the loop's first trip,
-    # with no M-step, so the pass is compiled once.
-    pending: Array | None = None
-
-
-def _table(model: Model, x: Data, use_table: bool) -> Array | None:
-    return model.log_joint_table(x) if use_table else None
-
-
-@eqx.filter_jit
-def _initialize(
-    model: Model, q: AbstractQ, x: Data, config: _Config, key: Key, features: Any = None
-) -> _State:
-    stats, pending = None, jnp.array(False)
-    if config.use_statistics:
-        shapes = jax.eval_shape(lambda m: _statistics_objective(m, x, config, features), model)
-        stats, objective = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        objective = jnp.full_like(objective, jnp.nan)
-        e_state = m_state = None
-        pending = jnp.array(True)
-    else:
-        key, init_key, e_key, f_key = jr.split(key, 4)
-        q = q.initialize(model, x, key=init_key)
-        table = _table(model, x, config.use_table)
-        # Coordinate descent starts with an E-step, so the first M-step sees a q fitted to the
-        # initial model (a uniform or zero-mean q would make every component look alike).
-        e_state = config.e_step.init(q)
-        q, e_state = config.e_step.step(model, q, e_state, x, key=e_key, table=table)
-        objective = _free_energy(model, q, x, key=f_key, prior=config.prior, table=table)
-        m_state = config.m_step.init(model)
-    return _State(
-        model=model,
-        q=q,
-        e_state=e_state,
-        m_state=m_state,
-        key=key,
-        objective=objective,
-        initial_objective=objective,
-        iteration=jnp.array(0, jnp.int32),
-        history=jnp.full((config.max_iters,), jnp.nan, objective.dtype),
-        status=jnp.array(Status.RUNNING, jnp.int32),
-        num_increases=jnp.array(0, jnp.int32),
-        stats=stats,
-        pending=pending,
-    )
-
-
-def _statistics_objective(
-    model: Model, x: Data, config: _Config, features: Any = None
-) -> tuple[Any, Array]:
-    """The exact posterior's statistics and F there, $-\\frac1N\\sum_n \\log p(x_n) - \\log p(θ)/N$."""
-    stats, total = statistics_pass(
-        model, x, split=config.split, features=features, closed_form=config.closed_form
-    )
-    return stats, _with_prior(-total / num_data(x), model, config.prior, num_data(x))
-
-
-def _maximize(model: Model, stats: Any, config: _Config) -> Model:
-    """The exact M-step from the exact posterior's statistics."""
-    if config.closed_form:
-        return model.maximize(stats, config.prior)
-    # No closed form: the numerical M-step on the objective the statistics determine, which
-    # costs K evaluations of the log-joint per step instead of N K.
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    total = jnp.sum(stats["counts"])
-
-    def loss(p):
-        m = eqx.combine(p, static)
-        return _with_prior(-config.split.objective(m, stats) / total, m, config.prior, total)
-
-    m_step = config.m_step
-    params = minimize_lbfgs(loss, params, max_steps=m_step.max_steps, tol=m_step.tol)
-    return eqx.combine(params, static)
-
-
-def _iterate(state: _State, x: Data, config: _Config, tol: Array, features: Any) -> _State:
-    """One coordinate-descent iteration: M-step on θ, then E-step on q, then F(q, θ)."""
-    key, m_key, e_key, f_key = jr.split(state.key, 4)
-    stats = None
-    if config.use_statistics:
-        # Exact EM: the M-step is the closed form on the exact posterior's statistics, and the
-        # E-step is one pass that leaves only the new statistics and F (q stays implicit).
-        # The first trip only makes the start's pass (no M-step).
-        model = jax.lax.cond(
-            state.pending,
-            lambda m, _: m,
-            lambda m, s: _maximize(m, s, config),
-            state.model,
-            state.stats,
-        )
-        m_state = state.m_state
-        q, e_state = state.q, state.e_state
-        stats, objective = _statistics_objective(model, x, config, features)
-    else:
-        model, m_state = config.m_step.step(
-            state.model, state.q, state.m_state, x, key=m_key, prior=config.prior
-        )
-        table = _table(model, x, config.use_table)
-        q, e_state = config.e_step.step(model, state.q, state.e_state, x, key=e_key, table=table)
-        objective = _free_energy(model, q, x, key=f_key, prior=config.prior, table=table)
-
-    # q may put log-probability -inf on states the model rules out (log_joint = -inf there);
-    # that is a valid q, and any other non-finite q makes the objective non-finite too.
-    q_ok = is_finite_tree(q, allow_minus_inf=True)
-    finite = jnp.isfinite(objective) & is_finite_tree(model) & q_ok
-    increase = objective - state.objective
-    rounding = 64 * jnp.finfo(objective.dtype).eps * (1 + jnp.abs(state.objective))
-    increased = (config.e_step.exact and config.m_step.exact) & (increase > rounding)
-    iteration = state.iteration + 1
-    status = jnp.where(
-        jnp.abs(increase) < tol,
-        Status.CONVERGED,
-        jnp.where(iteration >= config.max_iters, Status.MAX_ITERS, Status.RUNNING),
-    )
-    start = jnp.asarray(state.pending)  # this trip was the start's pass
-    iteration = jnp.where(start, state.iteration, iteration)
-    status = jnp.where(start, Status.RUNNING, status)
-    new = _State(
-        model=model,
-        q=q,
-        e_state=e_state,
-        m_state=m_state,
-        key=key,
-        objective=objective,
-        initial_objective=jnp.where(start, objective, state.initial_objective),
-        iteration=iteration,
-        history=jnp.where(start, state.history, state.history.at[state.iteration].set(-objective)),
-        status=status.astype(jnp.int32),
-        num_increases=state.num_increases + (increased & ~start).astype(jnp.int32),
-        stats=stats,
-        pending=jnp.zeros_like(start),
-    )
-    # A non-finite step is not taken: the state stays at the last finite iteration.
-    kept = eqx.tree_at(lambda s: s.status, state, jnp.array(Status.NONFINITE, jnp.int32))
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, kept)
-
-
-@eqx.filter_jit
-def _run(
-    state: _State, x: Data, config: _Config, tol: Array, stop_at: Array, features: Any = None
-) -> _State:
-    def cond(s):
-        return (s.status == Status.RUNNING) & ((s.iteration < stop_at) | s.pending)
-
-    return jax.lax.while_loop(cond, lambda s: _iterate(s, x, config, tol, features), state)
-
-
-@eqx.filter_jit
-def _solve(
-    model: Model, q: AbstractQ, x: Data, config: _Config, key: Key, tol: Array
-) -> tuple[_State, AbstractQ]:
-    features = _datum_features.__wrapped__(x, config)
-    state = _initialize.__wrapped__(model, q, x, config, key, features)
-    # A non-finite start runs no iteration (fit then raises). On the statistics path the
-    # start's pass is the loop's first trip, which stops the loop if it is non-finite.
-    started = jnp.isfinite(state.objective) | state.pending
-    stop_at = jnp.where(started, config.max_iters, 0).astype(jnp.int32)
-    state = _run.__wrapped__(state, x, config, tol, stop_at, features)
-    return state, (
-        _result_posterior.__wrapped__(state.model, x, config, features)
-        if config.use_statistics
-        else state.q
-    )
-
-
-@eqx.filter_jit
-def _result_posterior(model: Model, x: Data, config: _Config, features: Any) -> AbstractQ:
-    """The exact posterior of the fitted model (the statistics path carries no q), chunk
-    by chunk as the statistics passes are."""
-    log_probs = posterior_log_probs(model, x, split=config.split, features=features)
-    return Categorical(log_probs)
-
-
-@eqx.filter_jit
-def _datum_features(x: Data, config: _Config) -> Any:
-    """The found split's per-datum features, computed once per fit (they do not change
-    between iterations), unless they would take more than ``_MAX_FEATURE_RATIO`` times
-    the data's memory (then each pass computes them chunk by chunk)."""
-    if config.split is None:
-        return None
-    data_size = sum(max(1, leaf[0].size) for leaf in jax.tree_util.tree_leaves(x))
-    if config.split.feature_size() > _MAX_FEATURE_RATIO * data_size:
-        return None
-    return config.split.datum_features(x)
-
-
-_MAX_FEATURE_RATIO = 4
-
-
-def _check_initial(state: _State) -> None:
-    initial = float(state.initial_objective)  # on the host: no compiled isfinite
-    if not math.isfinite(initial):
-        raise ValueError(
-            "the initial model and q give a non-finite free energy "
-            f"({initial}); check the initial parameters and that "
-            "log_joint is finite on the data"
-        )
 
 
 def _unused_key() -> Key:
@@ -355,8 +104,209 @@ def _resolve_m_step(m_step: Any) -> AbstractMStep:
     raise TypeError(f"m_step must be 'exact' or an ej.GradientMStep(...), got {m_step!r}")
 
 
+
+def _check_initial(initial: float) -> None:
+    if not math.isfinite(initial):
+        raise ValueError(
+            "the initial model and q give a non-finite free energy "
+            f"({initial}); check the initial parameters and that "
+            "log_joint is finite on the data"
+        )
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_tol(tol: Any) -> float:
+    ok = isinstance(tol, (int, float, np.integer, np.floating)) and not isinstance(tol, bool)
+    if not (ok and math.isfinite(float(tol)) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    return float(tol)
+
+
+def _initial_models(model: Any, restarts: int | None, key: Key | None) -> tuple[Any, Any]:
+    """The starting model (batched over restarts when ``restarts``) and the solver key(s)."""
+    if isinstance(model, Model):
+        if restarts is None:
+            return model, key
+    elif not callable(model):
+        check_model(model)  # raises the TypeError naming `model`
+    if key is None:
+        what = "restarts=R" if restarts is not None else "an initializer key -> model"
+        raise ValueError(f"{what} needs a random key: pass key=jax.random.key(...)")
+    if restarts is None:
+        init_key, key = jr.split(key)
+        return check_model(model(init_key)), key
+    keys = jr.split(key, restarts)
+    if isinstance(model, Model):
+        batched = jax.tree_util.tree_map(
+            lambda leaf: jnp.broadcast_to(leaf, (restarts, *leaf.shape)), model
+        )
+        return batched, keys
+    models = eqx.filter_vmap(model)(keys)
+    check_model(models)
+    return models, keys
+
+
+def _mesh_of(x: Data, sharding: Any) -> tuple[Any, str | None]:
+    """The mesh and axis name the data are split over (``sharding=``, or ``x``'s own)."""
+    if sharding is None:
+        found = [
+            leaf.sharding
+            for leaf in jax.tree_util.tree_leaves(x)
+            if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)
+        ]
+        if not found or found[0].mesh.size == 1 or not found[0].spec or found[0].spec[0] is None:
+            return None, None
+        sharding = found[0]
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        raise TypeError(
+            "sharding must be a jax.sharding.NamedSharding(mesh, PartitionSpec(axis)), "
+            f"got {sharding!r}"
+        )
+    spec = tuple(sharding.spec)
+    if not spec or not isinstance(spec[0], str) or any(s is not None for s in spec[1:]):
+        raise ValueError(
+            "sharding must split the data's leading axis over one mesh axis, e.g. "
+            f"PartitionSpec('data'); got {sharding.spec}"
+        )
+    return sharding.mesh, spec[0]
+
+
+def _dataset(x: Data, dtype: Any, chunk_size: int, mesh: Any, axis: str | None) -> _data.Dataset:
+    """``x`` padded to whole chunks (per device) with weights, placed on the mesh if any."""
+    n = num_data(x)
+    shards = 1 if mesh is None else mesh.shape[axis]
+    rows, chunk = _data.padded_size(n, chunk_size, shards)
+    padded = _data.pad_rows(x, rows)
+    weights = _data.row_weights(n, rows, dtype)
+    if mesh is not None:
+        place = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+        padded, weights = jax.device_put((padded, weights), place)
+    return _data.Dataset(padded, weights, np.asarray(n, dtype), chunk_size=chunk, axis_name=axis)
+
+
+def _pad_q(q: AbstractQ, rows: int) -> AbstractQ:
+    arrays, static = eqx.partition(q, eqx.is_array)
+    return eqx.combine(_data.pad_rows(arrays, rows), static)
+
+
+def _trim_rows(tree: Any, n: int) -> Any:
+    return jax.tree_util.tree_map(lambda a: a[:n] if eqx.is_array(a) and a.ndim else a, tree)
+
+
+# ------------------------------------------------------------------ compiled entry points
+def _first_segment(solver, model, q, data, key, tol, max_iters, restarts):
+    """Solve (the first segment), pick the best restart, and the result's model and q."""
+
+    def one(m, k):
+        return solve(solver, m, q, data, k, tol, max_iters)
+
+    if not restarts:
+        loop = one(model, key)
+        return loop, None, solver.result(loop.solver_state, data)
+    loops = jax.vmap(one)(model, key)
+    # The best restart by final F; a non-finite start never wins.
+    objective = jnp.where(jnp.isfinite(loops.objective), loops.objective, jnp.inf)
+    loop = jax.tree_util.tree_map(lambda leaf: leaf[jnp.argmin(objective)], loops)
+    return loop, -loops.objective, solver.result(loop.solver_state, data)
+
+
+def _more(solver, loop, data, tol, max_iters, stop_at):
+    return run(solver, loop, data, tol, max_iters, stop_at)
+
+
+def _result(solver, loop, data):
+    return solver.result(loop.solver_state, data)
+
+
+_ROW_FIELDS = {"q", "e_state", "features"}  # per-datum parts of a solver's state
+
+
+def _leaf_spec(kind: str, path: tuple, leaf: Any, axis: str) -> Any:
+    """Whether a leaf holds one row per datum (split over ``axis``) or is replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
+    if kind == "data":
+        rows = names[:1] in (["x"], ["weights"])
+    elif kind == "loop":
+        rows = names[:1] == ["solver_state"] and len(names) > 1 and names[1] in _ROW_FIELDS
+    else:
+        rows = kind == "rows"
+    return P(axis) if rows and leaf.ndim else P()
+
+
+def _specs(tree: Any, kinds: tuple, axis: str) -> tuple:
+    return tuple(
+        jax.tree_util.tree_map_with_path(
+            lambda path, leaf, kind=kind: _leaf_spec(kind, path, leaf, axis), sub
+        )
+        for sub, kind in zip(tree, kinds, strict=True)
+    )
+
+
+def _kind(arg: Any) -> str:
+    if isinstance(arg, _data.Dataset):
+        return "data"
+    if isinstance(arg, LoopState):
+        return "loop"
+    if isinstance(arg, AbstractQ):
+        return "rows"
+    return "replicated"
+
+
+@eqx.filter_jit
+def _call(fn: Callable, mesh: Any, *args: Any) -> Any:
+    """``fn(*args)`` compiled; for sharded data, under ``shard_map``: each device runs the
+    solver on its rows, and ``sum_over_data`` merges across the mesh axis."""
+    if mesh is None:
+        return fn(*args)
+    data = next(a for a in args if isinstance(a, _data.Dataset))
+    axis = data.axis_name
+    dynamic, static = eqx.partition(args, eqx.is_array)
+    plain = tuple(
+        eqx.tree_at(lambda d: d.axis_name, a, None) if isinstance(a, _data.Dataset) else a
+        for a in args
+    )
+    shapes = eqx.filter_eval_shape(fn, *plain)
+    is_struct = lambda v: isinstance(v, jax.ShapeDtypeStruct)
+    out_dynamic, out_static = eqx.partition(shapes, is_struct)
+    flat_out = _flatten_out(out_dynamic)
+
+    def local(d):
+        out = fn(*eqx.combine(d, static))
+        return _flatten_out(eqx.partition(out, eqx.is_array)[0])
+
+    in_specs = _specs(dynamic, tuple(_kind(a) for a in args), axis)
+    out_specs = _specs(flat_out, tuple(_kind(o) for o in flat_out), axis)
+    result = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*dynamic)
+    return eqx.combine(_unflatten_out(result, out_dynamic), out_static)
+
+
+def _flatten_out(out: Any) -> tuple:
+    """Outputs as a flat tuple of loops, q's and others (nested tuples opened)."""
+    if isinstance(out, tuple) and not isinstance(out, eqx.Module):
+        return tuple(item for o in out for item in _flatten_out(o))
+    return (out,)
+
+
+def _unflatten_out(flat: tuple, like: Any) -> Any:
+    items = iter(flat)
+
+    def build(node):
+        if isinstance(node, tuple) and not isinstance(node, eqx.Module):
+            return tuple(build(n) for n in node)
+        return next(items)
+
+    return build(like)
+
+
 def fit(
-    model: Model,
+    model: Model | Callable[[Key], Model],
     x: Data,
     *,
     q: AbstractQ | None = None,
@@ -366,6 +316,8 @@ def fit(
     max_iters: int = 500,
     tol: float = 1e-6,
     key: Key | None = None,
+    restarts: int | None = None,
+    sharding: Any = None,
     progress: bool = False,
     throw: bool = False,
 ) -> FitResult:
@@ -384,7 +336,8 @@ def fit(
 
     **Arguments:**
 
-    - `model`: the initial ``ej.Model``.
+    - `model`: the initial ``ej.Model``, or an initializer ``key -> model`` (for example
+      ``lambda k: GaussianMixture.initialize(k, x, 8)``; it then needs ``key``).
     - `x`: data, leading axis of length $N$. Floating data are cast to the model's dtype.
     - `q`: recognition family (default ``ej.ExactPosterior()``).
     - `e_step`, `m_step`: ``"exact"`` or a gradient step.
@@ -393,6 +346,14 @@ def fit(
     - `tol`: stop when $|F_t - F_{t-1}| <$ ``tol`` (per datum). ``tol=0`` runs ``max_iters``.
     - `key`: JAX random key, required for stochastic steps (Monte Carlo expectations);
       deterministic fits need none.
+    - `restarts`: run ``R`` fits as one vmapped compiled call and return the best by final
+      ELBO (``restart_elbos`` holds every restart's). Restart ``r`` starts from
+      ``model(keys[r])`` (or ``model`` itself) with ``key=keys[r]``, where
+      ``keys = jax.random.split(key, R)``: the same as ``fit(model(keys[r]), x, key=keys[r])``.
+    - `sharding`: a ``NamedSharding(mesh, PartitionSpec(axis))`` to fit data-parallel over
+      ``axis`` (any N: the data are padded per device). Data already placed with such a
+      sharding are fitted data-parallel without it. Each device reduces its rows; statistics,
+      F and gradients are merged across the mesh, so the result equals the unsharded fit.
     - `progress`: show a tqdm bar (the loop runs in ~100 compiled chunks; no sync per iteration).
     - `throw`: raise ``RuntimeError`` instead of warning when the fit goes non-finite.
 
@@ -404,11 +365,13 @@ def fit(
     res.model.means, res.history[-1]
     ```
     """
-    model = check_model(model)
-    if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
-        raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    if restarts is not None:
+        restarts = _check_count("restarts", restarts)
+    model, key = _initial_models(model, restarts, key)
+    first = model if restarts is None else jax.tree_util.tree_map(lambda a: a[0], model)
+    first = check_model(first)
+    max_iters = _check_count("max_iters", max_iters)
+    tol = _check_tol(tol)
     if prior is not None and not callable(prior):
         raise TypeError(
             f"prior must be a callable prior(model) -> log p(theta), or None; got {prior!r}"
@@ -418,9 +381,11 @@ def fit(
         raise TypeError(
             f"q must be an elbo_jax recognition family such as ej.ExactPosterior(), got {q!r}"
         )
-    x = prepare_data(model, x)
-    check_log_joint(model, x)
-    q.check(model.latent, num_data(x))
+    mesh, axis = _mesh_of(x, sharding)
+    x = prepare_data(first, x)
+    check_log_joint(first, x)
+    n = num_data(x)
+    q.check(first.latent, n)
     e_step = _resolve_e_step(e_step, q)
     m_step = _resolve_m_step(m_step)
     if key is None:
@@ -432,51 +397,50 @@ def fit(
         key = _unused_key()  # deterministic steps draw nothing from it
 
     if isinstance(e_step, _OptaxStep):
-        q_shape = eqx.filter_eval_shape(q.initialize, model, x, key=key)
+        q_shape = eqx.filter_eval_shape(q.initialize, first, x, key=_unused_key())
         params, _ = eqx.partition(q_shape, _is_inexact_struct)
         if not jax.tree_util.tree_leaves(params):
             raise TypeError(
                 f"e_step=GradientEStep needs a q with continuous parameters, but {type(q).__name__} "
-                f"over {model.latent!r} has none; use ej.Categorical() or ej.Gaussian()"
+                f"over {first.latent!r} has none; use ej.Categorical() or ej.Gaussian()"
             )
-        e_step = e_step.hashable(params)
+    dtype = float_dtype(first)
+    solver, chunk_size = _choose_solver(first, x, q, e_step, m_step, prior)
+    data = _dataset(x, dtype, chunk_size, mesh, axis)
+    q = _pad_q(q, data.weights.shape[0])
+    if isinstance(e_step, _OptaxStep):
+        q_shape = eqx.filter_eval_shape(q.initialize, first, data.x, key=_unused_key())
+        params, _ = eqx.partition(q_shape, _is_inexact_struct)
+        solver = eqx.tree_at(lambda s: s.e_step, solver, e_step.hashable(params))
     if isinstance(m_step, _OptaxStep):
-        params, _ = eqx.partition(model, eqx.is_inexact_array)
-        m_step = m_step.hashable(params)
+        params, _ = eqx.partition(first, eqx.is_inexact_array)
+        solver = eqx.tree_at(lambda s: s.m_step, solver, m_step.hashable(params))
 
-    closed_form, split = _statistics_plan(model, x, q, e_step, m_step, prior)
-    config = _Config(
-        e_step=e_step,
-        m_step=m_step,
-        prior=prior,
-        max_iters=max_iters,
-        use_table=isinstance(model.latent, Discrete),
-        use_statistics=closed_form or split is not None,
-        closed_form=closed_form,
-        split=split,
-    )
-    dtype = float_dtype(model)
-    tol_arr = jnp.asarray(tol, dtype)
+    tol_arr = np.asarray(tol, dtype)
+    iters = np.asarray(max_iters, np.int32)
     if progress:
-        features = _datum_features(x, config)
-        state = _initialize(model, q, x, config, key, features)
-        if config.use_statistics:  # the start's pass: the loop's first trip
-            state = _run(state, x, config, tol_arr, jnp.asarray(0, jnp.int32), features)
-        _check_initial(state)
-        state = _run_with_progress(state, x, config, tol_arr, max_iters, features)
-        result_q = (
-            _result_posterior(state.model, x, config, features)
-            if config.use_statistics
-            else state.q
-        )
+        if restarts is not None:
+            raise ValueError("progress=True shows one fit; it cannot be combined with restarts")
+        loop, history = _fit_with_progress(solver, model, q, data, key, tol_arr, iters, mesh)
+        fitted, result_q = _call(_result, mesh, solver, loop, data)
+        elbos = None
     else:
-        # One compiled call (one compilation): start, loop, and the posterior of the result.
-        state, result_q = _solve(model, q, x, config, key, tol_arr)
-        _check_initial(state)
+        loop, elbos, (fitted, result_q) = _call(
+            _first_segment, mesh, solver, model, q, data, key, tol_arr, iters, restarts
+        )
+        history = [np.asarray(loop.history)]
+        while int(loop.status) == Status.RUNNING:  # more than HISTORY_SIZE iterations
+            done = int(loop.iteration)
+            stop_at = np.asarray(min(done + HISTORY_SIZE, max_iters), np.int32)
+            loop = _call(_more, mesh, solver, loop, data, tol_arr, iters, stop_at)
+            history.append(np.asarray(loop.history))
+        if len(history) > 1:
+            fitted, result_q = _call(_result, mesh, solver, loop, data)
+    _check_initial(float(loop.initial_objective))
 
-    num_iters = int(state.iteration)
-    status = Status(int(state.status))
-    num_increases = int(state.num_increases)
+    num_iters = int(loop.iteration)
+    status = Status(int(loop.status))
+    num_increases = int(loop.num_increases)
     if status == Status.NONFINITE:
         msg = f"fit stopped after {num_iters} iterations: {status.message}"
         if throw:
@@ -491,14 +455,36 @@ def fit(
             stacklevel=2,
         )
     return FitResult(
-        model=state.model,
-        q=result_q,
-        history=state.history[:num_iters],
-        initial_elbo=jnp.asarray(-np.asarray(state.initial_objective)),  # no compiled negation
+        model=fitted,
+        q=_trim_rows(result_q, n),
+        history=jnp.asarray(_join_history(history, num_iters)),
+        initial_elbo=jnp.asarray(-np.asarray(loop.initial_objective)),  # no compiled negation
         num_iters=num_iters,
         status=status,
         num_increases=num_increases,
+        restart_elbos=None if elbos is None else jnp.asarray(elbos),
     )
+
+
+def _join_history(segments: list, num_iters: int) -> np.ndarray:
+    """The ELBO of every iteration from the history buffers of the segments (each holds
+    iterations ``s * HISTORY_SIZE`` onwards at slot ``i % HISTORY_SIZE``)."""
+    out = np.concatenate(segments) if len(segments) > 1 else segments[0]
+    return out[:num_iters]
+
+
+def _choose_solver(
+    model: Model, x: Data, q: AbstractQ, e_step: Any, m_step: Any, prior: Prior
+) -> tuple[AbstractSolver, int]:
+    """The solver, and the rows per chunk for its passes (0: one chunk)."""
+    closed_form, split = _statistics_plan(model, x, q, e_step, m_step, prior)
+    if closed_form or split is not None:
+        per_datum = model.latent.num_states + _data.per_datum_size(x)
+        if split is not None:
+            per_datum += split.feature_size()
+        solver = StatisticsEM(prior, m_step, closed_form=closed_form, split=split)
+        return solver, _data.default_chunk_size(per_datum)
+    return CoordinateDescent(e_step, m_step, prior), 0
 
 
 def _is_exact_discrete_em(model: Model, q: AbstractQ, e_step: Any, m_step: Any) -> bool:
@@ -523,21 +509,31 @@ def _statistics_plan(
     return model.has_closed_form(prior), affine_split(model, x)
 
 
-def _run_with_progress(
-    state: _State, x: Data, config: _Config, tol: Array, max_iters: int, features: Any
-) -> _State:
+def _fit_with_progress(solver, model, q, data, key, tol, max_iters, mesh):
+    """The same loop in ~100 compiled segments, with a tqdm bar updated between them."""
     from tqdm.auto import tqdm
 
-    chunk = max(1, math.ceil(max_iters / 100))
-    with tqdm(total=max_iters, desc="elbo_jax.fit", unit="it") as bar:
+    total = int(max_iters)
+    chunk = max(1, min(math.ceil(total / 100), HISTORY_SIZE))
+    zero = np.asarray(0, np.int32)
+    # The start (no iteration yet: max_iters=0 stops the loop before its first iteration).
+    loop, _, _ = _call(_first_segment, mesh, solver, model, q, data, key, tol, zero, None)
+    history = []
+    with tqdm(total=total, desc="elbo_jax.fit", unit="it") as bar:
         done = 0
-        while done < max_iters:
-            stop_at = jnp.asarray(min(done + chunk, max_iters), jnp.int32)
-            state = _run(state, x, config, tol, stop_at, features)
-            now = int(state.iteration)
+        while int(loop.status) == Status.RUNNING:
+            boundary = (done // HISTORY_SIZE + 1) * HISTORY_SIZE
+            stop_at = np.asarray(min(done + chunk, total, boundary), np.int32)
+            loop = _call(_more, mesh, solver, loop, data, tol, max_iters, stop_at)
+            now = int(loop.iteration)
             bar.update(now - done)
-            bar.set_postfix(elbo=f"{-float(state.objective):.6g}")
-            if int(state.status) != Status.RUNNING or now == done:
+            bar.set_postfix(elbo=f"{-float(loop.objective):.6g}")
+            stopped = int(loop.status) != Status.RUNNING or now == done
+            if stopped or now == boundary:
+                history.append(np.asarray(loop.history))
+            if stopped:
                 break
             done = now
-    return state
+    if not history:
+        history.append(np.asarray(loop.history))
+    return loop, history

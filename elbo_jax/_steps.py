@@ -10,7 +10,8 @@ import jax.random as jr
 import optax
 
 from . import _optax
-from ._custom_types import Data, Key, LogTable
+from ._custom_types import Key, LogTable, Stats
+from ._data import Dataset
 from ._model import Model
 from ._objective import Prior, _free_energy
 from ._q import AbstractQ
@@ -93,7 +94,7 @@ class AbstractEStep(eqx.Module):
         model: Model,
         q: AbstractQ,
         state: Any,
-        x: Data,
+        data: Dataset,
         *,
         key: Key | None,
         table: LogTable | None,
@@ -113,8 +114,8 @@ class ExactEStep(AbstractEStep):
     def init(self, q):
         return None
 
-    def step(self, model, q, state, x, *, key, table):
-        return q.exact_update(model, x, table=table), state
+    def step(self, model, q, state, data, *, key, table):
+        return q.exact_update(model, data.x, table=table), state
 
 
 class GradientEStep(_OptaxStep, AbstractEStep):
@@ -135,13 +136,13 @@ class GradientEStep(_OptaxStep, AbstractEStep):
         params, _ = _split_params(q)
         return self.init_optimizer(params)
 
-    def step(self, model, q, state, x, *, key, table):
+    def step(self, model, q, state, data, *, key, table):
         params, static = _split_params(q)
         table = None if table is None else jax.lax.stop_gradient(table)
         model = jax.lax.stop_gradient(model)
 
         def loss(p, k):
-            return _free_energy(model, eqx.combine(p, static), x, key=k, table=table)
+            return _free_energy(model, eqx.combine(p, static), data, key=k, table=table)
 
         params, state = _optax_steps(self.transform, self.num_steps, loss, params, state, key)
         return eqx.combine(params, static), state
@@ -159,16 +160,27 @@ class AbstractMStep(eqx.Module):
 
     @abc.abstractmethod
     def step(
-        self, model: Model, q: AbstractQ, state: Any, x: Data, *, key: Key | None, prior: Prior
+        self, model: Model, q: AbstractQ, state: Any, data: Dataset, *, key: Key | None, prior: Prior
     ) -> tuple[Model, Any]:
         """One M-step: a new model and step state."""
 
 
-def _m_loss(static: Any, q: AbstractQ, x: Data, prior: Prior) -> Any:
+def _m_loss(static: Any, q: AbstractQ, data: Dataset, prior: Prior) -> Any:
     def loss(params, key):
-        return _free_energy(eqx.combine(params, static), q, x, key=key, prior=prior)
+        return _free_energy(eqx.combine(params, static), q, data, key=key, prior=prior)
 
     return loss
+
+
+def expected_statistics(model: Model, q: AbstractQ, data: Dataset) -> Stats:
+    r"""$\sum_n w_n E_{q_n}[s(x_n, z)]$: the model's statistics, merged over chunks and shards."""
+    q_arrays, q_static = eqx.partition(q, eqx.is_array)
+
+    def chunk(values, weights):
+        x, q_chunk = values
+        return model.sufficient_statistics(x, eqx.combine(q_chunk, q_static), weights=weights)
+
+    return data.sum(chunk, q_arrays)
 
 
 class ExactMStep(AbstractMStep):
@@ -193,12 +205,12 @@ class ExactMStep(AbstractMStep):
     def init(self, model):
         return None
 
-    def step(self, model, q, state, x, *, key, prior):
+    def step(self, model, q, state, data, *, key, prior):
         if self.use_closed_form and model.has_closed_form(prior):
-            return model.maximize(model.sufficient_statistics(x, q), prior), state
+            return model.maximize(expected_statistics(model, q, data), prior), state
         params, static = _split_params(model)
         q = jax.lax.stop_gradient(q)
-        loss = _m_loss(static, q, x, prior)
+        loss = _m_loss(static, q, data, prior)
         params = minimize_lbfgs(
             lambda p: loss(p, key), params, max_steps=self.max_steps, tol=self.tol
         )
@@ -279,9 +291,9 @@ class GradientMStep(_OptaxStep, AbstractMStep):
         params, _ = _split_params(model)
         return self.init_optimizer(params)
 
-    def step(self, model, q, state, x, *, key, prior):
+    def step(self, model, q, state, data, *, key, prior):
         params, static = _split_params(model)
         q = jax.lax.stop_gradient(q)
-        loss = _m_loss(static, q, x, prior)
+        loss = _m_loss(static, q, data, prior)
         params, state = _optax_steps(self.transform, self.num_steps, loss, params, state, key)
         return eqx.combine(params, static), state

@@ -48,9 +48,10 @@ def prepare_data(model: Model, x: Any) -> Any:
             raise ValueError(f"x has shape {arr.shape}: there are no data (N = 0)")
         if kind == "f":
             # A JAX array is checked where it lives (no copy of the data to the host).
-            all_finite = (
-                bool(_all_finite(arr)) if isinstance(arr, jax.Array) else np.isfinite(arr).all()
-            )
+            with jax.ensure_compile_time_eval():  # concrete data inside a user's jit too
+                all_finite = (
+                    bool(_all_finite(arr)) if isinstance(arr, jax.Array) else np.isfinite(arr).all()
+                )
             if not all_finite:
                 bad = np.argwhere(~np.isfinite(np.asarray(arr)))
                 raise ValueError(

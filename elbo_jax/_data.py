@@ -1,0 +1,198 @@
+r"""The one reduction over data: ``sum_over_data``, and the padded ``Dataset`` it runs on.
+
+Every sum over data in elbo_jax — the free energy, the expected statistics, gradient
+losses, numerical M-steps — is a weighted sum $\sum_n w_n f(x_n)$ formed here. The data
+are padded on the host to a whole number of fixed-size chunks; padded rows are copies of
+a real datum (so every per-datum value stays finite) with weight $w_n = 0$. A new $N$
+that pads to the same size reuses the compiled fit. Under ``shard_map`` the chunk sums of
+each device are reduced across the mesh axis (``psum``, or a gather-and-merge for
+statistics that carry a shift), so sharded EM equals single-device EM by construction.
+
+$N$ of the **whole** data set travels with the data (``Dataset.num_data``), so a chunk,
+a minibatch or a shard adds to — or estimates — the same per-datum sum.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._custom_types import Array, PyTree
+from ._statistics import AbstractStatistics, merge_statistics
+
+# Rows per chunk on CPU are chosen so that one chunk's per-datum values take about this
+# many elements (a few MB in float64: cache-sized, and large enough for efficient matmuls).
+_CPU_CHUNK_ELEMENTS = 2**17
+_MIN_CHUNK = 256
+
+
+class Dataset(eqx.Module):
+    r"""Data padded to ``num_chunks * chunk_size`` rows, with per-row weights.
+
+    - ``x``: the data (a pytree of arrays), leading axis $N_{\text{pad}}$.
+    - ``weights``: ``(N_pad,)``, 1 for a real datum and 0 for padding (a minibatch may
+      carry other weights).
+    - ``num_data``: $N$ of the whole data set, a scalar of the model's float dtype: F is
+      $\frac1N\sum_n w_n(\cdot)$.
+    - ``chunk_size``: rows per chunk of ``sum_over_data`` (static; divides $N_{\text{pad}}$).
+    - ``axis_name``: the mesh axis the data are sharded over inside ``shard_map``, or None.
+    """
+
+    x: PyTree
+    weights: Array
+    num_data: Array
+    chunk_size: int = eqx.field(static=True)
+    axis_name: str | None = eqx.field(static=True, default=None)
+
+    @property
+    def num_rows(self) -> int:
+        """$N_{\\text{pad}}$ (on this device, under ``shard_map``)."""
+        return self.weights.shape[0]
+
+    def sum(self, fn: Callable, *per_datum: PyTree) -> PyTree:
+        """``sum_over_data(fn, (x, *per_datum), weights)`` with this data's chunking."""
+        return sum_over_data(
+            fn,
+            (self.x, *per_datum),
+            self.weights,
+            chunk_size=self.chunk_size,
+            axis_name=self.axis_name,
+        )
+
+    def with_chunk_size(self, chunk_size: int) -> "Dataset":
+        """The same data reduced in chunks of ``chunk_size`` rows (a divisor of ``N_pad``)."""
+        return eqx.tree_at(lambda d: d.chunk_size, self, chunk_size)
+
+
+def sum_over_data(
+    fn: Callable,
+    per_datum: PyTree,
+    weights: Array,
+    *,
+    chunk_size: int | None = None,
+    axis_name: str | None = None,
+) -> PyTree:
+    r"""$\bigoplus_{\text{chunks } c} \text{fn}(\text{per\_datum}_c, w_c)$, merged across the mesh.
+
+    ``fn(chunk, weights)`` gets ``chunk_size`` rows of every leaf of ``per_datum`` and their
+    weights, and returns the chunk's weighted sums (a pytree of arrays, or statistics that
+    follow the statistics contract). The chunks' results are merged with
+    ``merge_statistics`` (addition for plain arrays) in a ``lax.scan``, so only one
+    chunk's intermediates are alive at a time; with ``axis_name`` (inside ``shard_map``)
+    the devices' results are merged too. ``chunk_size`` must divide the number of rows
+    (``None``: one chunk).
+    """
+    n = weights.shape[0]
+    size = n if chunk_size is None else chunk_size
+    if n % size:
+        raise ValueError(f"chunk_size={size} does not divide the number of rows {n}")
+    num_chunks = n // size
+    if num_chunks == 1:
+        total = fn(per_datum, weights)
+    else:
+        chunked = jax.tree_util.tree_map(
+            lambda leaf: leaf.reshape(num_chunks, size, *leaf.shape[1:]), (per_datum, weights)
+        )
+        first = jax.tree_util.tree_map(lambda leaf: leaf[0], chunked)
+        shapes = jax.eval_shape(lambda c: fn(*c), first)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def body(carry, chunk):
+            return _merge(carry, fn(*chunk)), None
+
+        total, _ = jax.lax.scan(body, zeros, chunked)
+    if axis_name is not None:
+        total = _merge_across(total, axis_name)
+    return total
+
+
+def _is_statistics(node: Any) -> bool:
+    return isinstance(node, AbstractStatistics)
+
+
+def _merge(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(merge_statistics, a, b, is_leaf=_is_statistics)
+
+
+def _merge_across(total: PyTree, axis_name: str) -> PyTree:
+    """Merge each device's ``total`` over the mesh axis: ``psum`` for plain sums; statistics
+    with their own ``merge`` are gathered and merged (they are small)."""
+
+    def across(node):
+        if not _is_statistics(node):
+            return jax.lax.psum(node, axis_name)
+        gathered = jax.lax.all_gather(node, axis_name)
+        size = jax.tree_util.tree_leaves(gathered)[0].shape[0]
+        out = jax.tree_util.tree_map(lambda leaf: leaf[0], gathered)
+        for i in range(1, size):
+            out = out.merge(jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], gathered))
+        return out
+
+    return jax.tree_util.tree_map(across, total, is_leaf=_is_statistics)
+
+
+# ------------------------------------------------------------------ padding on the host
+def default_chunk_size(per_datum_elements: int) -> int:
+    """Rows per chunk: a power of two that keeps a chunk cache-sized on CPU. On an
+    accelerator the whole data are one chunk (``None``)."""
+    if jax.default_backend() != "cpu":
+        return 0
+    rows = max(_MIN_CHUNK, _CPU_CHUNK_ELEMENTS // max(1, per_datum_elements))
+    return 1 << (rows.bit_length() - 1)
+
+
+def padded_size(n: int, chunk_size: int, num_shards: int = 1) -> tuple[int, int]:
+    r"""``(rows, chunk)``: the padded number of rows and the rows per chunk for $N$ = ``n``.
+
+    Each shard gets ``rows / num_shards`` rows, a whole number of chunks. Data smaller than
+    a chunk (or any data when ``chunk_size`` is 0: one chunk, on accelerators) are padded
+    to a bucket with at most 1/16 of padding, so nearby $N$ share a compiled fit.
+    """
+    per_shard = -(-n // num_shards)
+    if chunk_size and per_shard > chunk_size:
+        rows = -(-per_shard // chunk_size) * chunk_size
+        return rows * num_shards, chunk_size
+    step = 1 << max(0, per_shard.bit_length() - 5)
+    rows = -(-per_shard // step) * step
+    return rows * num_shards, rows
+
+
+def pad_rows(x: PyTree, rows: int) -> PyTree:
+    """``x`` with copies of its first datum appended up to ``rows`` rows (on its device)."""
+
+    def pad(leaf):
+        extra = rows - leaf.shape[0]
+        if extra == 0:
+            return leaf
+        fill = jnp.broadcast_to(leaf[:1], (extra, *leaf.shape[1:]))
+        return jnp.concatenate([leaf, fill.astype(leaf.dtype)])
+
+    return jax.tree_util.tree_map(pad, x)
+
+
+def row_weights(n: int, rows: int, dtype: Any) -> np.ndarray:
+    """1 for the ``n`` real rows, 0 for the padding."""
+    w = np.zeros((rows,), dtype)
+    w[:n] = 1
+    return w
+
+
+def per_datum_size(x: PyTree) -> int:
+    """Elements per datum of every leaf of ``x``."""
+    return sum(max(1, math.prod(leaf.shape[1:])) for leaf in jax.tree_util.tree_leaves(x))
+
+
+def map_over_data(fn: Callable, data: Dataset, *per_datum: PyTree) -> PyTree:
+    """``fn(chunk)`` for each chunk of ``(x, *per_datum)``, its per-row outputs concatenated
+    back to ``(N_pad, ...)`` (``lax.map`` over chunks: one chunk's intermediates at a time)."""
+    values = (data.x, *per_datum)
+    size, n = data.chunk_size, data.num_rows
+    if size >= n:
+        return fn(values)
+    chunked = jax.tree_util.tree_map(lambda leaf: leaf.reshape(n // size, size, *leaf.shape[1:]), values)
+    out = jax.lax.map(fn, chunked)
+    return jax.tree_util.tree_map(lambda leaf: leaf.reshape(n, *leaf.shape[2:]), out)

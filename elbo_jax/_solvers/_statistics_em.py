@@ -1,0 +1,154 @@
+r"""Exact EM on a ``Discrete`` latent as passes over the data that leave only statistics.
+
+When the E-step is exact and the M-step needs only expected statistics — the model's
+closed form, or the statistics that ``_autostats`` finds in ``log_joint`` — an iteration
+never needs the $(N, K)$ posterior: it is ``maximize(stats)`` followed by one pass that
+computes, chunk by chunk, the log-joint table, its log-normaliser and the chunk's
+statistics (``statistics_pass``). At the exact posterior the bracket of F is
+$\log p(x_n \mid \theta)$, so the same pass gives F. The posterior of the final model is
+computed once, at the end (``posterior_log_probs``).
+
+The start's pass runs as the loop's first trip (``started`` false, no M-step), so the pass
+is compiled once.
+"""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._custom_types import Array, Data, Stats
+from .._data import Dataset, map_over_data
+from .._model import Model, is_finite_tree
+from .._objective import free_energy_from_sum
+from .._q import Categorical, normalize_table
+from .._steps import ExactMStep, minimize_lbfgs
+from ._base import AbstractSolver
+
+# The found split's per-datum features are computed once per fit unless they would take
+# more than this many times the data's memory (then each pass computes them per chunk).
+MAX_FEATURE_RATIO = 4
+
+
+def _has_table_hook(model: Model) -> bool:
+    return type(model).log_joint_table is not Model.log_joint_table
+
+
+def log_joint_table(model: Model, x: Data, split: Any, features: tuple | None) -> Array:
+    """The log-joint table: from the split's features unless the model's own hook is to be
+    preferred (see ``Model._table_from_features``)."""
+    if split is not None and (model._table_from_features or not _has_table_hook(model)):
+        return split.table(model, x, features)
+    return model.log_joint_table(x)
+
+
+def statistics_pass(
+    model: Model, data: Dataset, *, split: Any = None, features: Any = None, closed_form: bool
+) -> tuple[Stats, Array]:
+    r"""The exact posterior's statistics and $\sum_n w_n \log p(x_n \mid \theta)$.
+
+    The statistics are the model's ``sufficient_statistics`` (``closed_form``) or those that
+    ``split`` (an ``_autostats.AffineSplit`` of ``log_joint``) finds; ``features`` are the
+    split's ``datum_features`` of the data rows, computed once per fit (or ``None``: per
+    chunk). Reduced by ``sum_over_data``: chunk by chunk, merged, across devices if sharded.
+    """
+
+    def chunk(values, weights):
+        x, feats = values
+        log_normalizer, q = normalize_table(log_joint_table(model, x, split, feats))
+        if closed_form:
+            stats = model.sufficient_statistics(x, q, weights=weights)
+        else:
+            stats = split.statistics(model, x, q, feats, weights=weights)
+        terms = log_normalizer[:, 0]
+        total = jnp.sum(jnp.where(weights > 0, weights.astype(terms.dtype) * terms, 0.0))
+        return stats, total
+
+    return data.sum(chunk, features)
+
+
+def posterior_log_probs(model: Model, data: Dataset, *, split: Any = None, features: Any = None):
+    r"""$\log p(z_n{=}k \mid x_n, \theta)$, ``(N_pad, K)``, chunk by chunk like the passes."""
+
+    def chunk(values):
+        x, feats = values
+        table = log_joint_table(model, x, split, feats)
+        return table - jax.nn.logsumexp(table, axis=-1, keepdims=True)
+
+    return map_over_data(chunk, data, features)
+
+
+class StatisticsState(eqx.Module):
+    model: Model
+    stats: Any  # the exact posterior's statistics at ``model`` (zeros before the start's pass)
+    features: Any  # the split's per-datum features of the data rows, or None
+
+
+class StatisticsEM(AbstractSolver):
+    """Exact EM by statistics passes (see the module docstring)."""
+
+    prior: Any
+    m_step: ExactMStep
+    closed_form: bool = eqx.field(static=True)
+    split: Any = None  # _autostats.AffineSplit, or None
+
+    @property
+    def monotone(self) -> bool:
+        return True
+
+    def _features(self, data: Dataset) -> Any:
+        if self.split is None:
+            return None
+        leaves = jax.tree_util.tree_leaves(data.x)
+        data_size = sum(max(1, leaf[0].size) for leaf in leaves)
+        if self.split.feature_size() > MAX_FEATURE_RATIO * data_size:
+            return None
+        return self.split.datum_features(data.x)
+
+    def _pass(self, model: Model, data: Dataset, features: Any) -> tuple[Stats, Array]:
+        stats, total = statistics_pass(
+            model, data, split=self.split, features=features, closed_form=self.closed_form
+        )
+        return stats, free_energy_from_sum(total, model, self.prior, data.num_data)
+
+    def init(self, model, q, data, key):
+        features = self._features(data)
+        shapes = jax.eval_shape(lambda m: self._pass(m, data, features), model)
+        stats, objective = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return StatisticsState(model, stats, features), jnp.full_like(objective, jnp.nan)
+
+    def _maximize(self, model: Model, stats: Stats, data: Dataset) -> Model:
+        if self.closed_form:
+            return model.maximize(stats, self.prior)
+        # No closed form: the numerical M-step on the objective the found statistics
+        # determine, which costs K evaluations of the log-joint per step instead of N K.
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+
+        def loss(p):
+            m = eqx.combine(p, static)
+            return free_energy_from_sum(self.split.objective(m, stats), m, self.prior, data.num_data)
+
+        params = minimize_lbfgs(loss, params, max_steps=self.m_step.max_steps, tol=self.m_step.tol)
+        return eqx.combine(params, static)
+
+    def step(self, state, data, started):
+        model = jax.lax.cond(
+            started,
+            lambda m, s: self._maximize(m, s, data),
+            lambda m, _: m,
+            state.model,
+            state.stats,
+        )
+        stats, objective = self._pass(model, data, state.features)
+        return StatisticsState(model, stats, state.features), objective
+
+    def result(self, state, data):
+        log_probs = posterior_log_probs(
+            state.model, data, split=self.split, features=state.features
+        )
+        return state.model, Categorical(log_probs)
+
+    def is_finite(self, state):
+        return is_finite_tree(state.model)
+
