@@ -26,6 +26,7 @@ from ._mixture import (
     _check_data,
     _check_num_components,
     _check_weights,
+    _complete_data_counts,
     _float_dtype,
     _is_concrete,
     _keep_where_empty,
@@ -221,11 +222,25 @@ class BernoulliMixture(AbstractMixture):
         """True for maximum likelihood (``None``) and for a ``BernoulliMixturePrior``."""
         return prior is None or isinstance(prior, BernoulliMixturePrior)
 
-    def sufficient_statistics(self, x: Data, q: AbstractQ) -> Stats:
-        r"""``{"counts": N_k (K,), "sums": S_kd (K, D)}`` with $N_k = \sum_n r_{nk}$ and
-        $S_{kd} = \sum_n r_{nk} x_{nd}$, $r_{nk} = q_n(z{=}k)$. Additive over data."""
-        r = _responsibilities(self, x, q).astype(self.logits.dtype)
+    def sufficient_statistics(
+        self, x: Data, q: AbstractQ, *, weights: Array | None = None
+    ) -> Stats:
+        r"""``{"counts": N_k (K,), "sums": S_kd (K, D)}`` with $N_k = \sum_n w_n r_{nk}$ and
+        $S_{kd} = \sum_n w_n r_{nk} x_{nd}$, $r_{nk} = q_n(z{=}k)$, $w_n$ = ``weights``
+        (``None``: all 1).
+
+        Plain sums of nonnegative terms: they merge by addition and keep float32's relative
+        accuracy whatever the data's magnitude (no cancellation, so no shift is needed).
+        """
+        r = _responsibilities(self, x, q, weights=weights, dtype=self.logits.dtype)
         return {"counts": jnp.sum(r, axis=0), "sums": r.T @ self._as_data(x)}
+
+    def complete_data_statistics(self, num_data: Any) -> Stats:
+        r"""The expected statistics of $m$ = ``num_data`` draws from this model:
+        $N_k = m \pi_k$, $S_{kd} = m \pi_k \mu_{kd}$, so that ``maximize`` gives back the
+        model (up to rounding and the ``min_prob`` clip)."""
+        counts = _complete_data_counts(self, num_data)
+        return {"counts": counts, "sums": counts[:, None] * self.probs}
 
     def maximize(self, stats: Stats, prior: Any = None) -> "BernoulliMixture":
         r"""The closed-form (MAP) M-step from ``sufficient_statistics``.

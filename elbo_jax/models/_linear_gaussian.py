@@ -10,7 +10,7 @@ in ``_AbstractLinearGaussian``; the two final classes differ only in the noise.
 
 import abc
 import math
-from typing import Any
+from typing import Any, final
 
 import equinox as eqx
 import jax
@@ -23,6 +23,7 @@ from .._custom_types import Array, Data, Float, Key, PerDatum, Scalar, Stats
 from .._latent import Real
 from .._model import Model
 from .._q import AbstractQ, Gaussian
+from .._statistics import AbstractStatistics
 
 DEFAULT_MIN_NOISE_VARIANCE = 1e-6
 """Default floor on the noise variances set by the closed-form M-step (``reg_covar``-style)."""
@@ -121,6 +122,87 @@ def _check_latent_dim(latent_dim: Any, x: Array) -> int:
     if latent_dim > n:
         raise ValueError(f"latent_dim={latent_dim} is larger than the number of data N={n}")
     return latent_dim
+
+
+# --------------------------------------------------------------------------- statistics
+@final
+class LinearGaussianStatistics(AbstractStatistics):
+    r"""Expected sufficient statistics of PPCA / factor analysis, about a shift $c$.
+
+    With $\tilde z = [z; 1]$ and weights $w_n$:
+
+    - ``count``: $N = \sum_n w_n$;
+    - ``shift``: $c$, ``(D,)`` — any point; ``sufficient_statistics`` uses the data's
+      weighted mean;
+    - ``sum_x_ez``: $B = \sum_n w_n (x_n - c)\, E[\tilde z_n]^\top$, ``(D, L+1)``;
+    - ``sum_ezz``: $A = \sum_n w_n E[\tilde z_n \tilde z_n^\top]$, ``(L+1, L+1)``;
+    - ``sum_xx``: $s = \sum_n w_n (x_n - c) \odot (x_n - c)$, ``(D,)``.
+
+    **Why the shift.** The M-step's residual $s_d - [W, \mu - c]_d B_d^\top$ subtracts two
+    sums of squares. About $c = 0$ each is of order $N (\mu_d^2 + \mathrm{Var}\,x_d)$ while
+    their difference is $N \Psi_{dd}$: data at $10^3$ with unit noise lose six of float32's
+    seven digits. About a $c$ near the data the sums are of order $N\,\mathrm{Var}\,x_d$ and
+    only the cancellation intrinsic to the model remains.
+
+    **Merging.** The statistics about another point $c'$, with $\delta = c - c'$, follow
+    exactly from these, since $A$'s last row is $\sum_n w_n E[\tilde z_n]^\top$ and $B$'s last
+    column is $\sum_n w_n (x_n - c)$:
+    $B' = B + \delta\, A_{L+1,\cdot}$, $s' = s + 2 \delta \odot B_{\cdot, L+1} + N \delta \odot \delta$.
+    ``merge`` moves both operands to the count-weighted mean of their shifts (so merged data
+    stay centred) and adds; when one side has no data the other's shift is kept as it is, so
+    zero statistics are exactly neutral.
+    """
+
+    count: Float[Array, ""]
+    shift: Float[Array, " D"]
+    sum_x_ez: Float[Array, "D L1"]
+    sum_ezz: Float[Array, "L1 L1"]
+    sum_xx: Float[Array, " D"]
+
+    def shifted(self, shift: Array) -> "LinearGaussianStatistics":
+        """The same statistics about the point ``shift`` instead of ``self.shift``."""
+        delta = self.shift - shift
+        sum_z = self.sum_ezz[-1]  # (sum w E[z]^T, N)
+        sum_x = self.sum_x_ez[:, -1]  # sum w (x - c)
+        return LinearGaussianStatistics(
+            count=self.count,
+            shift=shift,
+            sum_x_ez=self.sum_x_ez + delta[:, None] * sum_z[None, :],
+            sum_ezz=self.sum_ezz,
+            sum_xx=self.sum_xx + 2 * delta * sum_x + self.count * delta * delta,
+        )
+
+    def merge(self, other: "LinearGaussianStatistics") -> "LinearGaussianStatistics":
+        if not isinstance(other, LinearGaussianStatistics):
+            raise TypeError(
+                f"LinearGaussianStatistics merge with {type(other).__name__}: both sides must "
+                "come from the same kind of model"
+            )
+        total = self.count + other.count
+        safe = jnp.where(total != 0, total, 1.0)
+        # A symmetric formula, so that merge is exactly commutative.
+        mean_shift = (self.count * self.shift + other.count * other.shift) / safe
+        shift = jnp.where(
+            self.count == 0, other.shift, jnp.where(other.count == 0, self.shift, mean_shift)
+        )
+        a, b = self.shifted(shift), other.shifted(shift)
+        return LinearGaussianStatistics(
+            count=total,
+            shift=shift,
+            sum_x_ez=a.sum_x_ez + b.sum_x_ez,
+            sum_ezz=a.sum_ezz + b.sum_ezz,
+            sum_xx=a.sum_xx + b.sum_xx,
+        )
+
+    def scale(self, factor: Any) -> "LinearGaussianStatistics":
+        c = jnp.asarray(factor, self.count.dtype)
+        return LinearGaussianStatistics(
+            count=c * self.count,
+            shift=self.shift,
+            sum_x_ez=c * self.sum_x_ez,
+            sum_ezz=c * self.sum_ezz,
+            sum_xx=c * self.sum_xx,
+        )
 
 
 # --------------------------------------------------------------------------- shared maths
@@ -257,18 +339,17 @@ class _AbstractLinearGaussian(Model):
         """``True`` for maximum likelihood (``prior=None``)."""
         return prior is None
 
-    def sufficient_statistics(self, x: Data, q: AbstractQ) -> Stats:
-        r"""Additive expected sufficient statistics under $q$, with $\tilde z = [z; 1]$.
+    def sufficient_statistics(
+        self, x: Data, q: AbstractQ, *, weights: PerDatum | None = None
+    ) -> "LinearGaussianStatistics":
+        r"""Expected sufficient statistics under $q$, about the data's weighted mean.
 
         Uses only $q$'s moments $m_n = E_q[z_n]$, $S_n = \mathrm{Cov}_q[z_n]$ (an
-        ``ej.Gaussian``, or an ``ej.PointMass`` with $S_n = 0$):
-
-        - ``n``: $N$;
-        - ``sum_x_ez``: $\sum_n x_n E[\tilde z_n]^\top$, ``(D, L+1)``;
-        - ``sum_ezz``: $\sum_n E[\tilde z_n \tilde z_n^\top]$, ``(L+1, L+1)``;
-        - ``sum_xx``: $\sum_n x_n \odot x_n$, ``(D,)``.
-
-        **Returns:** a dict of arrays; statistics of disjoint batches add up.
+        ``ej.Gaussian``, or an ``ej.PointMass`` with $S_n = 0$) and the data, each datum
+        weighed by $w_n$ = ``weights`` (``None``: all 1). The shift is
+        $c = \sum_n w_n x_n / \sum_n w_n$, which depends on the data only, so statistics taken at
+        different $\theta$ differ only through $q$. See ``LinearGaussianStatistics`` for the
+        fields and why they carry $c$.
         """
         x = self._data(x)
         q = q.resolve(self, x)
@@ -277,44 +358,85 @@ class _AbstractLinearGaussian(Model):
                 f"{type(self).__name__}.sufficient_statistics needs a q with Gaussian moments "
                 f"(ej.Gaussian or ej.PointMass), got {type(q).__name__}"
             )
+        n = x.shape[0]
+        if weights is None:
+            w = jnp.ones((n,), self.dtype)
+        else:
+            w = jnp.asarray(weights)
+            if w.shape != (n,):
+                raise ValueError(f"weights has shape {w.shape}, expected (N,) = ({n},)")
+            w = w.astype(self.dtype)
         m = jnp.asarray(q.mean, self.dtype)
         cov = jnp.asarray(q.covariance, self.dtype)
-        n = x.shape[0]
+        count = jnp.sum(w)
+        safe = jnp.where(count > 0, count, 1.0)
+        shift = (w @ x) / safe
+        xc = x - shift[None, :]
         ez = jnp.concatenate([m, jnp.ones((n, 1), self.dtype)], axis=1)
-        sum_ezz = ez.T @ ez
-        sum_ezz = sum_ezz.at[:-1, :-1].add(jnp.sum(cov, axis=0))
-        return {
-            "n": jnp.asarray(n, self.dtype),
-            "sum_x_ez": x.T @ ez,
-            "sum_ezz": sum_ezz,
-            "sum_xx": jnp.sum(x**2, axis=0),
-        }
+        wez = w[:, None] * ez
+        sum_ezz = ez.T @ wez
+        sum_ezz = sum_ezz.at[:-1, :-1].add(jnp.einsum("n,nij->ij", w, cov))
+        return LinearGaussianStatistics(
+            count=count,
+            shift=shift,
+            sum_x_ez=xc.T @ wez,
+            sum_ezz=sum_ezz,
+            sum_xx=w @ (xc * xc),
+        )
+
+    def complete_data_statistics(self, num_data: Any) -> "LinearGaussianStatistics":
+        r"""The expected statistics of $m$ = ``num_data`` draws $(x_n, z_n)$ from this model.
+
+        With $z \sim \mathcal N(0, I)$ observed and the shift $c = \mu$:
+        $\sum E[\tilde z \tilde z^\top] = m I_{L+1}$,
+        $\sum E[(x - \mu) \tilde z^\top] = m\,[W, 0]$ and
+        $\sum E[(x_d - \mu_d)^2] = m\,(\|W_{d\cdot}\|^2 + \Psi_{dd})$, so ``maximize`` gives back
+        $W$, $\mu$ and $\Psi$ themselves (not merely $W W^\top + \Psi$: the regression of $x$
+        on $z$ is exact), up to rounding and ``min_noise_variance``.
+        """
+        m = jnp.asarray(num_data, self.dtype)
+        d, latent_dim = self.weight.shape
+        return LinearGaussianStatistics(
+            count=m,
+            shift=self.mean,
+            sum_x_ez=m * jnp.concatenate([self.weight, jnp.zeros((d, 1), self.dtype)], axis=1),
+            sum_ezz=m * jnp.eye(latent_dim + 1, dtype=self.dtype),
+            sum_xx=m * (jnp.sum(self.weight**2, axis=1) + self.noise_diagonal),
+        )
 
     def maximize(self, stats: Stats, prior: Any = None) -> "_AbstractLinearGaussian":
-        r"""The exact M-step: the joint maximiser of $\sum_n E_q[\log p(x_n, z_n)]$.
+        r"""The exact M-step: the joint maximiser of $\sum_n w_n E_q[\log p(x_n, z_n)]$.
 
-        With $B = \sum_n x_n E[\tilde z_n]^\top$ and $A = \sum_n E[\tilde z_n \tilde z_n^\top]$,
-        $[W, \mu] = B A^{-1}$ (Cholesky solve), then the residuals
-        $r_d = \big(\sum_n x_n x_n^\top - [W, \mu] B^\top\big)_{dd}$ give
-        $\sigma^2 = \sum_d r_d / (N D)$ (PPCA) or $\Psi_{dd} = r_d / N$ (FA), floored at
-        ``min_noise_variance``.
+        With the shift $c$, $B = \sum_n w_n (x_n - c) E[\tilde z_n]^\top$ and
+        $A = \sum_n w_n E[\tilde z_n \tilde z_n^\top]$, the regression of $x - c$ on $\tilde z$
+        gives $[W, \mu - c] = B A^{-1}$ (Cholesky solve); then the residuals
+        $r_d = \big(\sum_n w_n (x_n - c)_d^2 - [W, \mu - c]_d B_d^\top\big)$ give
+        $\sigma^2 = \sum_d r_d / (N D)$ (PPCA) or $\Psi_{dd} = r_d / N$ (FA), $N = \sum_n w_n$,
+        floored at ``min_noise_variance``. Statistics of no data (``count`` 0) keep the
+        model as it is.
         """
         if prior is not None:
             raise NotImplementedError(
                 f"{type(self).__name__} has a closed-form M-step only for prior=None"
             )
-        sum_x_ez = stats["sum_x_ez"]
-        chol = jnp.linalg.cholesky(stats["sum_ezz"])
-        w_tilde = jsl.cho_solve((chol, True), sum_x_ez.T).T  # (D, L+1)
-        residual = stats["sum_xx"] - jnp.sum(w_tilde * sum_x_ez, axis=1)
-        noise = jnp.maximum(
-            self._noise_from_residuals(residual, stats["n"]), self.min_noise_variance
-        )
-        return eqx.tree_at(
-            lambda m: (m.weight, m.mean, m.log_noise_variance),
-            self,
-            (w_tilde[:, :-1], w_tilde[:, -1], jnp.log(noise)),
-        )
+        if not isinstance(stats, LinearGaussianStatistics):
+            raise TypeError(
+                f"{type(self).__name__}.maximize needs LinearGaussianStatistics (from "
+                f"sufficient_statistics), got {type(stats).__name__}"
+            )
+        stats = jax.tree_util.tree_map(lambda leaf: leaf.astype(self.dtype), stats)
+        count = stats.count
+        sum_x_ez = stats.sum_x_ez
+        chol = jnp.linalg.cholesky(stats.sum_ezz)
+        w_tilde = jsl.cho_solve((chol, True), sum_x_ez.T).T  # (D, L+1): [W, mu - c]
+        residual = stats.sum_xx - jnp.sum(w_tilde * sum_x_ez, axis=1)
+        noise = jnp.maximum(self._noise_from_residuals(residual, count), self.min_noise_variance)
+        new = (w_tilde[:, :-1], stats.shift + w_tilde[:, -1], jnp.log(noise))
+        # No data: A = 0 has no Cholesky factor (NaN), so keep the parameters instead.
+        has_data = count > jnp.finfo(self.dtype).tiny
+        old = (self.weight, self.mean, self.log_noise_variance)
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(has_data, a, b), new, old)
+        return eqx.tree_at(lambda m: (m.weight, m.mean, m.log_noise_variance), self, new)
 
     # ------------------------------------------------------------ checks, sampling
     def check_data(self, x: Data) -> None:
@@ -344,6 +466,7 @@ def _initial_parts(key: Key, x: Any, latent_dim: Any) -> tuple[Array, Array, Arr
 
 
 # --------------------------------------------------------------------------- the models
+@final
 class PPCA(_AbstractLinearGaussian):
     r"""Probabilistic PCA (Tipping & Bishop, 1999).
 
@@ -440,6 +563,7 @@ class PPCA(_AbstractLinearGaussian):
         return cls(weight, mean, noise, min_noise_variance=min_noise_variance)
 
 
+@final
 class FactorAnalysis(_AbstractLinearGaussian):
     r"""Factor analysis: PPCA with a separate noise variance per dimension.
 

@@ -89,7 +89,23 @@ def _check_data(
             )
 
 
-def _responsibilities(model: Model, x: Data, q: AbstractQ) -> Array:
+def _check_data_weights(weights: Any, n: int, dtype: Any) -> Array:
+    """Per-datum ``weights`` as an ``(N,)`` array of ``dtype`` (trace-time shape check)."""
+    weights = jnp.asarray(weights)
+    if weights.shape != (n,):
+        raise ValueError(f"weights has shape {weights.shape}, expected (N,) = ({n},)")
+    return weights.astype(dtype)
+
+
+def _responsibilities(
+    model: Model, x: Data, q: AbstractQ, *, weights: Any = None, dtype: Any = None
+) -> Array:
+    r"""$w_n\, q_n(z{=}k)$, shape ``(N, K)``, in ``dtype`` (default: the responsibilities').
+
+    Every statistic of a mixture is linear in these, so weighing them weighs each datum's
+    whole contribution: a row of weight 0 adds exactly nothing (its $q_n$ only has to be
+    finite, as it is for padding rows, which copy real data).
+    """
     q = q.resolve(model, x)
     probs = getattr(q, "probs", None)
     if probs is None:
@@ -97,7 +113,18 @@ def _responsibilities(model: Model, x: Data, q: AbstractQ) -> Array:
             f"sufficient_statistics needs a q with responsibilities `.probs` (N, K), such as "
             f"ej.Categorical or ej.PointMass, got {type(q).__name__}"
         )
-    return probs
+    if dtype is not None:
+        probs = probs.astype(dtype)
+    if weights is None:
+        return probs
+    return probs * _check_data_weights(weights, probs.shape[0], probs.dtype)[:, None]
+
+
+def _complete_data_counts(model: "AbstractMixture", num_data: Any) -> Array:
+    r"""$m \pi_k$, shape ``(K,)``: the expected number of $m$ = ``num_data`` draws from
+    ``model`` that come from each component (the ``counts`` of its complete-data statistics)."""
+    weights = model.weights
+    return jnp.asarray(num_data, weights.dtype) * weights
 
 
 def _keep_where_empty(denominator: Array, new: Array, old: Array) -> Array:
