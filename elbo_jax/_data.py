@@ -181,6 +181,22 @@ def row_weights(n: int, rows: int, dtype: Any) -> np.ndarray:
     return w
 
 
+def make_dataset(
+    x: PyTree, dtype: Any, chunk_size: int = 0, mesh: Any = None, axis: str | None = None
+) -> Dataset:
+    """``x`` padded to whole chunks (per device: ``mesh`` split over ``axis``) with weights,
+    placed on the mesh if one is given. ``chunk_size`` 0: one chunk per device."""
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
+    shards = 1 if mesh is None else mesh.shape[axis]
+    rows, chunk = padded_size(n, chunk_size, shards)
+    padded = pad_rows(x, rows)
+    weights = row_weights(n, rows, dtype)
+    if mesh is not None:
+        place = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+        padded, weights = jax.device_put((padded, weights), place)
+    return Dataset(padded, weights, np.asarray(n, dtype), chunk_size=chunk, axis_name=axis)
+
+
 def per_datum_size(x: PyTree) -> int:
     """Elements per datum of every leaf of ``x``."""
     return sum(max(1, math.prod(leaf.shape[1:])) for leaf in jax.tree_util.tree_leaves(x))

@@ -176,19 +176,6 @@ def _mesh_of(x: Data, sharding: Any) -> tuple[Any, str | None]:
     return sharding.mesh, spec[0]
 
 
-def _dataset(x: Data, dtype: Any, chunk_size: int, mesh: Any, axis: str | None) -> _data.Dataset:
-    """``x`` padded to whole chunks (per device) with weights, placed on the mesh if any."""
-    n = num_data(x)
-    shards = 1 if mesh is None else mesh.shape[axis]
-    rows, chunk = _data.padded_size(n, chunk_size, shards)
-    padded = _data.pad_rows(x, rows)
-    weights = _data.row_weights(n, rows, dtype)
-    if mesh is not None:
-        place = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
-        padded, weights = jax.device_put((padded, weights), place)
-    return _data.Dataset(padded, weights, np.asarray(n, dtype), chunk_size=chunk, axis_name=axis)
-
-
 def _pad_q(q: AbstractQ, rows: int) -> AbstractQ:
     arrays, static = eqx.partition(q, eqx.is_array)
     return eqx.combine(_data.pad_rows(arrays, rows), static)
@@ -406,7 +393,7 @@ def fit(
             )
     dtype = float_dtype(first)
     solver, chunk_size = _choose_solver(first, x, q, e_step, m_step, prior)
-    data = _dataset(x, dtype, chunk_size, mesh, axis)
+    data = _data.make_dataset(x, dtype, chunk_size, mesh, axis)
     q = _pad_q(q, data.weights.shape[0])
     if isinstance(e_step, _OptaxStep):
         q_shape = eqx.filter_eval_shape(q.initialize, first, data.x, key=_unused_key())

@@ -89,6 +89,12 @@ def whole(x: Data, dtype: Any) -> Dataset:
     return Dataset(x, np.ones((n,), dtype), np.asarray(n, dtype), chunk_size=n)
 
 
+def as_dataset(data: Any, model: Model) -> Dataset:
+    """``data`` itself if it is a ``Dataset``, else the data as one chunk (a step called by
+    hand on an array)."""
+    return data if isinstance(data, Dataset) else whole(data, float_dtype(model))
+
+
 @eqx.filter_jit
 def _free_energy_whole(model, q, x, key, prior):
     return _free_energy(model, q, whole(x, float_dtype(model)), key=key, prior=prior)

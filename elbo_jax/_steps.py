@@ -13,7 +13,7 @@ from . import _optax
 from ._custom_types import Key, LogTable, Stats
 from ._data import Dataset
 from ._model import Model
-from ._objective import Prior, _free_energy
+from ._objective import Prior, _free_energy, as_dataset
 from ._q import AbstractQ
 
 
@@ -115,7 +115,7 @@ class ExactEStep(AbstractEStep):
         return None
 
     def step(self, model, q, state, data, *, key, table):
-        return q.exact_update(model, data.x, table=table), state
+        return q.exact_update(model, as_dataset(data, model).x, table=table), state
 
 
 class GradientEStep(_OptaxStep, AbstractEStep):
@@ -137,6 +137,7 @@ class GradientEStep(_OptaxStep, AbstractEStep):
         return self.init_optimizer(params)
 
     def step(self, model, q, state, data, *, key, table):
+        data = as_dataset(data, model)
         params, static = _split_params(q)
         table = None if table is None else jax.lax.stop_gradient(table)
         model = jax.lax.stop_gradient(model)
@@ -206,6 +207,7 @@ class ExactMStep(AbstractMStep):
         return None
 
     def step(self, model, q, state, data, *, key, prior):
+        data = as_dataset(data, model)
         if self.use_closed_form and model.has_closed_form(prior):
             return model.maximize(expected_statistics(model, q, data), prior), state
         params, static = _split_params(model)
@@ -292,6 +294,7 @@ class GradientMStep(_OptaxStep, AbstractMStep):
         return self.init_optimizer(params)
 
     def step(self, model, q, state, data, *, key, prior):
+        data = as_dataset(data, model)
         params, static = _split_params(model)
         q = jax.lax.stop_gradient(q)
         loss = _m_loss(static, q, data, prior)

@@ -146,10 +146,10 @@ def test_built_in_models_split_into_features():
 
 @pytest.mark.parametrize("name, model, x", CASES, ids=[c[0] for c in CASES])
 def test_fit_without_precomputed_features_is_the_same(name, model, x, monkeypatch):
-    from elbo_jax import _fit
+    from elbo_jax._solvers import _statistics_em
 
     with_features = ej.fit(model, x, tol=0.0, max_iters=3)
-    monkeypatch.setattr(_fit, "_MAX_FEATURE_RATIO", 0)  # features computed chunk by chunk
+    monkeypatch.setattr(_statistics_em, "MAX_FEATURE_RATIO", 0)  # features computed chunk by chunk
     jax.clear_caches()
     without = ej.fit(model, x, tol=0.0, max_iters=3)
     np.testing.assert_allclose(without.history, with_features.history, rtol=1e-12)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import elbo_jax as ej
-from elbo_jax import _statistics
+from elbo_jax import _data
+from elbo_jax._solvers import _statistics_em
 from elbo_jax.models import BernoulliMixture, GaussianMixture, PoissonMixture
 
 RNG = np.random.default_rng(7)
@@ -56,15 +57,32 @@ def _models():
 MODELS = _models()
 
 
+def _dataset(x, chunk_size=None):
+    return _data.make_dataset(jnp.asarray(x), x.dtype, chunk_size or 0)
+
+
+def _pass(model, x, chunk_size=None, split=None, closed_form=True):
+    """The statistics pass over ``x`` padded to chunks of ``chunk_size`` rows (None: one
+    chunk), with the split's features computed once, as ``fit`` does."""
+    data = _dataset(x, chunk_size)
+    features = None if split is None else split.datum_features(data.x)
+    return _statistics_em.statistics_pass(
+        model, data, split=split, features=features, closed_form=closed_form
+    )
+
+
+def _assert_same_statistics(got, want):
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-9), got, want
+    )
+
+
 @pytest.mark.parametrize("name, model, x", MODELS, ids=[m[0] for m in MODELS])
 @pytest.mark.parametrize("chunk_size", [None, 7, 64, 10_000])
 def test_statistics_pass_equals_whole_posterior(name, model, x, chunk_size):
     x = jnp.asarray(x)
-    stats, total = _statistics.statistics_pass(model, x, chunk_size=chunk_size)
-    expected = model.sufficient_statistics(x, model.posterior(x))
-    assert set(stats) == set(expected)
-    for key in expected:
-        np.testing.assert_allclose(stats[key], expected[key], rtol=1e-10, atol=1e-9, err_msg=key)
+    stats, total = _pass(model, x, chunk_size)
+    _assert_same_statistics(stats, model.sufficient_statistics(x, model.posterior(x)))
     np.testing.assert_allclose(total / x.shape[0], ej.log_evidence(model, x), rtol=1e-12)
 
 
@@ -92,12 +110,11 @@ def test_fit_through_statistics_equals_fit_through_q(name, model, x):
 
 
 def test_fit_through_small_chunks_with_a_remainder(monkeypatch):
-    # 2**9 elements per chunk: 256 rows, so 200 + 3 rows make one full chunk and a remainder
-    monkeypatch.setattr(_statistics, "_CPU_CHUNK_ELEMENTS", 2**9)
+    # 2**9 elements per chunk: 256 rows, so 403 rows make one full chunk and one padded
+    monkeypatch.setattr(_data, "_CPU_CHUNK_ELEMENTS", 2**9)
     model, x = _gmm("full", 3, 2, 403)
-    assert (
-        _statistics.default_chunk_size(model, jnp.asarray(x)) == 256
-    )  # no divisor of 403 in [128, 256]
+    assert _data.default_chunk_size(3 + 2) == 256
+    assert _data.padded_size(403, 256) == (512, 256)
     _assert_same_fit(*_fit_both(model, x))
 
 
@@ -193,24 +210,20 @@ def test_kmeans_start_covariances_are_cluster_scatters():
 def test_posterior_log_probs_in_chunks_equal_the_whole_posterior(name, model, x, chunk_size):
     from elbo_jax import _autostats
 
+    n = x.shape[0]
+    data = _dataset(x, chunk_size)
     x = jnp.asarray(x)
     expected = model.posterior(x).log_probs
-    got = _statistics.posterior_log_probs(model, x, chunk_size=chunk_size)
+    got = _statistics_em.posterior_log_probs(model, data)[:n]
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
     split = _autostats.affine_split(model, x)
     if split is not None:  # the Poisson and Bernoulli mixtures: the table from features
-        features = split.datum_features(x)
-        got = _statistics.posterior_log_probs(
-            model, x, chunk_size=chunk_size, split=split, features=features
-        )
-        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
-        stats, total = _statistics.statistics_pass(
-            model, x, chunk_size=chunk_size, split=split, features=features
-        )
-        want = model.sufficient_statistics(x, model.posterior(x))
-        for key in want:
-            np.testing.assert_allclose(stats[key], want[key], rtol=1e-10, atol=1e-9)
-        np.testing.assert_allclose(total / x.shape[0], ej.log_evidence(model, x), rtol=1e-12)
+        features = split.datum_features(data.x)
+        got = _statistics_em.posterior_log_probs(model, data, split=split, features=features)
+        np.testing.assert_allclose(got[:n], expected, rtol=1e-10, atol=1e-10)
+        stats, total = _pass(model, x, chunk_size, split=split)
+        _assert_same_statistics(stats, model.sufficient_statistics(x, model.posterior(x)))
+        np.testing.assert_allclose(total / n, ej.log_evidence(model, x), rtol=1e-12)
 
 
 def test_statistics_path_keeps_the_last_finite_model():
@@ -230,8 +243,9 @@ def test_statistics_path_keeps_the_last_finite_model():
         def has_closed_form(self, prior):
             return prior is None
 
-        def sufficient_statistics(self, x, q):
-            return {"counts": jnp.sum(q.probs, 0), "sums": q.probs.T @ x}
+        def sufficient_statistics(self, x, q, *, weights=None):
+            resp = q.probs * weights[:, None]
+            return {"counts": jnp.sum(resp, 0), "sums": resp.T @ x}
 
         def maximize(self, stats, prior=None):
             log_rates = jnp.log(stats["sums"] / stats["counts"]) + self.boost
@@ -279,7 +293,5 @@ def test_a_table_hook_is_kept_unless_the_model_prefers_features():
         model = cls(jnp.array([0.2, 1.1]))
         split = _autostats.affine_split(model, x)
         assert split is not None
-        _, total = _statistics.statistics_pass(
-            model, x, split=split, features=split.datum_features(x), closed_form=False
-        )
+        _, total = _pass(model, x, split=split, closed_form=False)
         np.testing.assert_allclose(float(total), exact + shift, rtol=1e-12)
