@@ -12,6 +12,7 @@ $N$ of the **whole** data set travels with the data (``Dataset.num_data``), so a
 a minibatch or a shard adds to — or estimates — the same per-datum sum.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -65,7 +66,7 @@ class Dataset(eqx.Module):
 
     def with_chunk_size(self, chunk_size: int) -> "Dataset":
         """The same data reduced in chunks of ``chunk_size`` rows (a divisor of ``N_pad``)."""
-        return eqx.tree_at(lambda d: d.chunk_size, self, chunk_size)
+        return dataclasses.replace(self, chunk_size=chunk_size)
 
 
 def sum_over_data(
@@ -150,13 +151,14 @@ def padded_size(n: int, chunk_size: int, num_shards: int = 1) -> tuple[int, int]
 
     Each shard gets ``rows / num_shards`` rows, a whole number of chunks. Data smaller than
     a chunk (or any data when ``chunk_size`` is 0: one chunk, on accelerators) are padded
-    to a bucket with at most 1/16 of padding, so nearby $N$ share a compiled fit.
+    to a bucket (sixteen per power of two: under 1/8 padding), so nearby $N$ share a
+    compiled fit.
     """
     per_shard = -(-n // num_shards)
     if chunk_size and per_shard > chunk_size:
         rows = -(-per_shard // chunk_size) * chunk_size
         return rows * num_shards, chunk_size
-    step = 1 << max(0, per_shard.bit_length() - 5)
+    step = 1 << max(0, per_shard.bit_length() - 4)
     rows = -(-per_shard // step) * step
     return rows * num_shards, rows
 

@@ -1,6 +1,7 @@
 """``fit``: the host driver. It checks the input, chooses a solver, pads (and shards) the
 data, runs the solver's compiled loop, and reports: warnings, progress, ``FitResult``."""
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -181,8 +182,17 @@ def _pad_q(q: AbstractQ, rows: int) -> AbstractQ:
     return eqx.combine(_data.pad_rows(arrays, rows), static)
 
 
-def _trim_rows(tree: Any, n: int) -> Any:
-    return jax.tree_util.tree_map(lambda a: a[:n] if eqx.is_array(a) and a.ndim else a, tree)
+def _trim_rows(tree: Any, n: int, mesh: Any = None) -> Any:
+    """The first ``n`` rows of every per-datum array (gathered from the mesh first)."""
+
+    def trim(a):
+        if not (eqx.is_array(a) and a.ndim):
+            return a
+        if mesh is not None:
+            a = jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        return a[:n]
+
+    return jax.tree_util.tree_map(trim, tree)
 
 
 # ------------------------------------------------------------------ compiled entry points
@@ -255,22 +265,32 @@ def _call(fn: Callable, mesh: Any, *args: Any) -> Any:
     data = next(a for a in args if isinstance(a, _data.Dataset))
     axis = data.axis_name
     dynamic, static = eqx.partition(args, eqx.is_array)
+    # The outputs' structure, from the unsharded function on unsharded shapes.
     plain = tuple(
-        eqx.tree_at(lambda d: d.axis_name, a, None) if isinstance(a, _data.Dataset) else a
+        dataclasses.replace(a, axis_name=None) if isinstance(a, _data.Dataset) else a
         for a in args
+    )
+    plain = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if eqx.is_array(a) else a, plain
     )
     shapes = eqx.filter_eval_shape(fn, *plain)
     is_struct = lambda v: isinstance(v, jax.ShapeDtypeStruct)
     out_dynamic, out_static = eqx.partition(shapes, is_struct)
     flat_out = _flatten_out(out_dynamic)
 
-    def local(d):
+    def local(*d):
         out = fn(*eqx.combine(d, static))
         return _flatten_out(eqx.partition(out, eqx.is_array)[0])
 
     in_specs = _specs(dynamic, tuple(_kind(a) for a in args), axis)
     out_specs = _specs(flat_out, tuple(_kind(o) for o in flat_out), axis)
-    result = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*dynamic)
+    # check_vma=False: the found-statistics evaluator binds primitives directly. It also
+    # makes the transpose of psum a psum, so gradients are not yet right under sharding:
+    # fit refuses sharded gradient steps (_check_shardable).
+    mapped = jax.shard_map(
+        local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )
+    result = mapped(*dynamic)
     return eqx.combine(_unflatten_out(result, out_dynamic), out_static)
 
 
@@ -393,6 +413,15 @@ def fit(
             )
     dtype = float_dtype(first)
     solver, chunk_size = _choose_solver(first, x, q, e_step, m_step, prior)
+    if mesh is not None and not (
+        isinstance(solver, StatisticsEM)
+        or (isinstance(e_step, ExactEStep) and isinstance(m_step, ExactMStep)
+            and first.has_closed_form(prior))
+    ):
+        raise NotImplementedError(
+            "sharded fits run exact EM with a closed-form or found M-step; gradient and "
+            "numerical M-steps and gradient E-steps on sharded data are not supported yet"
+        )
     data = _data.make_dataset(x, dtype, chunk_size, mesh, axis)
     q = _pad_q(q, data.weights.shape[0])
     if isinstance(e_step, _OptaxStep):
@@ -443,7 +472,7 @@ def fit(
         )
     return FitResult(
         model=fitted,
-        q=_trim_rows(result_q, n),
+        q=_trim_rows(result_q, n, mesh),
         history=jnp.asarray(_join_history(history, num_iters)),
         initial_elbo=jnp.asarray(-np.asarray(loop.initial_objective)),  # no compiled negation
         num_iters=num_iters,

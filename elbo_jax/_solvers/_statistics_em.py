@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from .._custom_types import Array, Data, Stats
-from .._data import Dataset, map_over_data
+from .._data import Dataset, map_over_data, per_datum_size
 from .._model import Model, is_finite_tree
 from .._objective import free_energy_from_sum
 from .._q import Categorical, normalize_table
@@ -100,9 +100,7 @@ class StatisticsEM(AbstractSolver):
     def _features(self, data: Dataset) -> Any:
         if self.split is None:
             return None
-        leaves = jax.tree_util.tree_leaves(data.x)
-        data_size = sum(max(1, leaf[0].size) for leaf in leaves)
-        if self.split.feature_size() > MAX_FEATURE_RATIO * data_size:
+        if self.split.feature_size() > MAX_FEATURE_RATIO * per_datum_size(data.x):
             return None
         return self.split.datum_features(data.x)
 
