@@ -24,6 +24,7 @@ from elbo_jax.models import (
     PoissonMixture,
     PoissonMixturePrior,
 )
+from elbo_jax.models import _emissions as emissions
 
 # Every fit below uses the same max_iters (part of the compiled loop's static config) and,
 # per model, the same data shape, so the compiled fit is shared between tests.
@@ -164,6 +165,29 @@ def test_poisson_log_evidence_matches_scipy(poisson_data):
 
 
 # --------------------------------------------------------------------------- EM vs NumPy EM
+
+
+def test_emission_families_match_scipy(bernoulli_data, poisson_data):
+    """The shared emission functions (used by the mixtures, later by HMMs): per-state
+    log-densities against SciPy, and the M-step of count statistics (an empty state kept)."""
+    x, _ = bernoulli_data
+    p = np.asarray(_bernoulli_truth().probs)
+    table = emissions.bernoulli_log_density(jnp.asarray(x), emissions.clipped_logit(p, 1e-6))
+    want = np.stack([scipy.stats.bernoulli.logpmf(x, p[k]).sum(1) for k in range(3)], axis=1)
+    np.testing.assert_allclose(np.asarray(table), want, rtol=1e-10)
+    x, _ = poisson_data
+    lam = np.asarray(_poisson_truth().rates)
+    table = emissions.poisson_log_density(jnp.asarray(x), jnp.log(jnp.asarray(lam)))
+    want = np.stack([scipy.stats.poisson.logpmf(x, lam[k]).sum(1) for k in range(2)], axis=1)
+    np.testing.assert_allclose(np.asarray(table), want, rtol=1e-10)
+    resp = np.zeros((x.shape[0], 3))
+    resp[:, 0] = 0.25
+    resp[:, 2] = 0.75
+    stats = emissions.count_statistics(jnp.asarray(x), jnp.asarray(resp))
+    old = jnp.full((3, 2), 0.5)
+    new = emissions.poisson_maximize(stats["counts"], stats["sums"], old, min_rate=1e-6)
+    np.testing.assert_allclose(np.exp(np.asarray(new[0])), x.mean(0), rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(new[1]), 0.5)  # no data: the old log-rates
 
 
 def test_bernoulli_fit_matches_numpy_em(bernoulli_data):

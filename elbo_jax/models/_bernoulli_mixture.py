@@ -21,6 +21,13 @@ import numpy as np
 
 from .._custom_types import Array, Data, Float, Int, Key, LogTable, Scalar, Stats
 from .._q import AbstractQ
+from ._emissions import (
+    bernoulli_log_density,
+    bernoulli_maximize,
+    clipped_logit,
+    complete_data_count_statistics,
+    count_statistics,
+)
 from ._mixture import (
     AbstractMixture,
     _check_data,
@@ -29,7 +36,6 @@ from ._mixture import (
     _complete_data_counts,
     _float_dtype,
     _is_concrete,
-    _keep_where_empty,
     _log_symmetric_dirichlet,
     _responsibilities,
     _weight_logits,
@@ -40,11 +46,6 @@ DEFAULT_MIN_PROB = 1e-6
 
 
 # --------------------------------------------------------------------------- helpers
-def _max_logit(min_prob: float) -> float:
-    """$\\mathrm{logit}(1 - \\epsilon)$: the largest logit magnitude allowed by ``min_prob``."""
-    return math.log1p(-min_prob) - math.log(min_prob)
-
-
 def _check_min_prob(value: Any) -> float:
     if (
         isinstance(value, bool)
@@ -181,7 +182,7 @@ class BernoulliMixture(AbstractMixture):
                 raise ValueError("probs must lie in [0, 1] (and be finite)")
         self.min_prob = min_prob
         self.weight_logits = jnp.log(weights)
-        self.logits = _clipped_logit(probs, min_prob)
+        self.logits = clipped_logit(probs, min_prob)
 
     # ------------------------------------------------------------ properties
     @property
@@ -210,8 +211,7 @@ class BernoulliMixture(AbstractMixture):
     def log_joint_table(self, x: Data) -> LogTable:
         r"""$T_{nk} = \log p(x_n, z{=}k)$, shape ``(N, K)``, by one matmul (see the class docs)."""
         x = self._as_data(x)
-        offset = self.log_weights + jnp.sum(jax.nn.log_sigmoid(-self.logits), axis=-1)
-        return x @ self.logits.T + offset[None, :]
+        return bernoulli_log_density(x, self.logits) + self.log_weights[None, :]
 
     def check_data(self, x: Data) -> None:
         """Raise ``ValueError`` unless ``x`` is ``(N, D)`` with this model's ``D`` and binary."""
@@ -233,14 +233,13 @@ class BernoulliMixture(AbstractMixture):
         accuracy whatever the data's magnitude (no cancellation, so no shift is needed).
         """
         r = _responsibilities(self, x, q, weights=weights, dtype=self.logits.dtype)
-        return {"counts": jnp.sum(r, axis=0), "sums": r.T @ self._as_data(x)}
+        return count_statistics(self._as_data(x), r)
 
     def complete_data_statistics(self, num_data: Any) -> Stats:
         r"""The expected statistics of $m$ = ``num_data`` draws from this model:
         $N_k = m \pi_k$, $S_{kd} = m \pi_k \mu_{kd}$, so that ``maximize`` gives back the
         model (up to rounding and the ``min_prob`` clip)."""
-        counts = _complete_data_counts(self, num_data)
-        return {"counts": counts, "sums": counts[:, None] * self.probs}
+        return complete_data_count_statistics(_complete_data_counts(self, num_data), self.probs)
 
     def maximize(self, stats: Stats, prior: Any = None) -> "BernoulliMixture":
         r"""The closed-form (MAP) M-step from ``sufficient_statistics``.
@@ -260,11 +259,7 @@ class BernoulliMixture(AbstractMixture):
         dtype = self.logits.dtype
         counts = stats["counts"].astype(dtype)
         sums = stats["sums"].astype(dtype)
-        numerator = sums + (a - 1)
-        denominator = counts + (a + b - 2)
-        safe = jnp.where(denominator > 0, denominator, 1.0)
-        new_logits = _clipped_logit(numerator / safe[:, None], self.min_prob)
-        logits = _keep_where_empty(denominator, new_logits, self.logits)
+        logits = bernoulli_maximize(counts, sums, self.logits, min_prob=self.min_prob, a=a, b=b)
         weight_logits = _weight_logits(jnp.maximum(counts + (alpha - 1), 0.0))
         return eqx.tree_at(lambda m: (m.weight_logits, m.logits), self, (weight_logits, logits))
 
@@ -301,10 +296,3 @@ class BernoulliMixture(AbstractMixture):
         probs = jnp.clip(0.5 * mean[None, :] + 0.3 * x[idx] + 0.2 * u, 0.05, 0.95)
         weights = jnp.full((k,), 1.0 / k, dtype)
         return cls(weights, probs, min_prob=min_prob)
-
-
-def _clipped_logit(probs: Array, min_prob: float) -> Array:
-    """$\\mathrm{logit}(p)$ clipped to $\\pm\\mathrm{logit}(1 - $ ``min_prob``$)$ (finite)."""
-    bound = _max_logit(min_prob)
-    probs = jnp.clip(probs, 0.0, 1.0)  # rounding in S / N can step just outside [0, 1]
-    return jnp.clip(jnp.log(probs) - jnp.log1p(-probs), -bound, bound)

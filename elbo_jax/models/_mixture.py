@@ -127,12 +127,6 @@ def _complete_data_counts(model: "AbstractMixture", num_data: Any) -> Array:
     return jnp.asarray(num_data, weights.dtype) * weights
 
 
-def _keep_where_empty(denominator: Array, new: Array, old: Array) -> Array:
-    """Row ``k`` of ``new`` where ``denominator[k]`` is a positive normal number, else ``old``."""
-    ok = denominator > jnp.finfo(denominator.dtype).tiny
-    return jnp.where(ok[:, None], new, old)
-
-
 def _weight_logits(counts: Array) -> Array:
     """$\\log \\pi_k$, $\\pi_k \\propto$ ``counts``; zero counts get the smallest normal."""
     tiny = jnp.finfo(counts.dtype).tiny

@@ -21,6 +21,12 @@ import numpy as np
 
 from .._custom_types import Array, Data, Float, Int, Key, LogTable, Scalar, Stats
 from .._q import AbstractQ
+from ._emissions import (
+    complete_data_count_statistics,
+    count_statistics,
+    poisson_log_density,
+    poisson_maximize,
+)
 from ._mixture import (
     AbstractMixture,
     _check_data,
@@ -29,7 +35,6 @@ from ._mixture import (
     _complete_data_counts,
     _float_dtype,
     _is_concrete,
-    _keep_where_empty,
     _log_symmetric_dirichlet,
     _responsibilities,
     _weight_logits,
@@ -194,9 +199,7 @@ class PoissonMixture(AbstractMixture):
     def log_joint_table(self, x: Data) -> LogTable:
         r"""$T_{nk} = \log p(x_n, z{=}k)$, shape ``(N, K)``, by one matmul (see the class docs)."""
         x = self._as_data(x)
-        offset = self.log_weights - jnp.sum(self.rates, axis=-1)
-        log_factorials = jnp.sum(jss.gammaln(x + 1), axis=-1)
-        return x @ self.log_rates.T + offset[None, :] - log_factorials[:, None]
+        return poisson_log_density(x, self.log_rates) + self.log_weights[None, :]
 
     def check_data(self, x: Data) -> None:
         """Raise ``ValueError`` unless ``x`` is ``(N, D)`` with this model's ``D`` and counts."""
@@ -218,14 +221,13 @@ class PoissonMixture(AbstractMixture):
         accuracy whatever the data's magnitude (no cancellation, so no shift is needed).
         """
         r = _responsibilities(self, x, q, weights=weights, dtype=self.log_rates.dtype)
-        return {"counts": jnp.sum(r, axis=0), "sums": r.T @ self._as_data(x)}
+        return count_statistics(self._as_data(x), r)
 
     def complete_data_statistics(self, num_data: Any) -> Stats:
         r"""The expected statistics of $m$ = ``num_data`` draws from this model:
         $N_k = m \pi_k$, $S_{kd} = m \pi_k \lambda_{kd}$, so that ``maximize`` gives back the
         model (up to rounding and the ``min_rate`` floor)."""
-        counts = _complete_data_counts(self, num_data)
-        return {"counts": counts, "sums": counts[:, None] * self.rates}
+        return complete_data_count_statistics(_complete_data_counts(self, num_data), self.rates)
 
     def maximize(self, stats: Stats, prior: Any = None) -> "PoissonMixture":
         r"""The closed-form (MAP) M-step from ``sufficient_statistics``.
@@ -246,11 +248,9 @@ class PoissonMixture(AbstractMixture):
         dtype = self.log_rates.dtype
         counts = stats["counts"].astype(dtype)
         sums = stats["sums"].astype(dtype)
-        denominator = counts + rate
-        ok = denominator > jnp.finfo(dtype).tiny
-        safe = jnp.where(ok, denominator, 1.0)
-        new_rates = jnp.maximum((sums + (shape - 1)) / safe[:, None], self.min_rate)
-        log_rates = _keep_where_empty(denominator, jnp.log(new_rates), self.log_rates)
+        log_rates = poisson_maximize(
+            counts, sums, self.log_rates, min_rate=self.min_rate, shape=shape, rate=rate
+        )
         weight_logits = _weight_logits(jnp.maximum(counts + (alpha - 1), 0.0))
         new = (weight_logits, log_rates)
         return eqx.tree_at(lambda m: (m.weight_logits, m.log_rates), self, new)
