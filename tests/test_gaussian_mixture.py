@@ -19,6 +19,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import elbo_jax as ej
+from elbo_jax._statistics import merge_statistics, scale_statistics
 from elbo_jax.models import GaussianMixture, GaussianMixturePrior
 
 N_ITERS = 5
@@ -261,10 +262,163 @@ def test_statistics_add_over_shards():
         model.sufficient_statistics(x[s], ej.Categorical(q.logits[s]))
         for s in (slice(0, 100), slice(100, None))
     ]
-    summed = jax.tree_util.tree_map(jnp.add, *parts)
-    for key in whole:
-        np.testing.assert_allclose(summed[key], whole[key], rtol=1e-12, atol=1e-12)
-    _assert_same_model(model.maximize(summed), model.maximize(whole), rtol=1e-12)
+    merged = merge_statistics(*parts)
+    for name in ("counts", "shift", "first", "second"):
+        np.testing.assert_allclose(
+            getattr(merged, name), getattr(whole, name), rtol=1e-12, atol=1e-12, err_msg=name
+        )
+    _assert_same_model(model.maximize(merged), model.maximize(whole), rtol=1e-12)
+
+
+# ----------------------------------------------------------------------- statistics contract
+def _other_models(covariance_type, dtype):
+    """Three models at different θ (means, covariances and weights all differ)."""
+    weights, means, covs = _start(covariance_type)
+    shifts = ([0.0, 0.0], [1.5, -1.0], [-2.0, 3.0])
+    return [
+        GaussianMixture(
+            np.roll(weights, i).astype(dtype),
+            (means + np.asarray(shift)).astype(dtype),
+            ((1 + 0.5 * i) * covs).astype(dtype),
+            covariance_type,
+            reg_covar=0.0,
+        )
+        for i, shift in enumerate(shifts)
+    ]
+
+
+def _reference_posterior(x):
+    """Responsibilities that do not depend on which model's statistics are asked for."""
+    model = _model("full")
+    return model.posterior(jnp.asarray(x, np.float64)).probs
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_merged_statistics_of_models_at_different_theta_equal_the_whole(covariance_type, dtype):
+    """A random 3-way split, each part's statistics computed by a different model (a
+    different shift), merged and maximized == the whole data's statistics at one θ."""
+    models = _other_models(covariance_type, dtype)
+    x = X.astype(dtype)
+    probs = np.asarray(_reference_posterior(X)).astype(dtype)
+    part = np.random.default_rng(1).integers(0, 3, X.shape[0])
+    stats = [
+        m.sufficient_statistics(
+            jnp.asarray(x[part == i]), ej.Categorical(jnp.log(jnp.asarray(probs[part == i])))
+        )
+        for i, m in enumerate(models)
+    ]
+    assert not np.allclose(stats[0].shift, stats[1].shift)
+    merged = merge_statistics(merge_statistics(stats[0], stats[1]), stats[2])
+    whole = models[0].sufficient_statistics(
+        jnp.asarray(x), ej.Categorical(jnp.log(jnp.asarray(probs)))
+    )
+    # maximized by yet another model: only the statistics decide
+    got, want = models[1].maximize(merged), models[2].maximize(whole)
+    rtol = 1e-10 if dtype == np.float64 else 1e-4
+    for name in ("weights", "means", "covariances"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.max(np.abs(b)), err_msg=name)
+
+
+def _stats(covariance_type, rows=slice(None), weights=None):
+    model = _model(covariance_type, reg_covar=0.0)
+    x = jnp.asarray(X[rows])
+    return model, model.sufficient_statistics(x, model.posterior(x), weights=weights)
+
+
+def _assert_same_statistics(a, b, rtol=1e-12):
+    b = b.about(a.shift)
+    for name in ("counts", "shift", "first", "second"):
+        want = getattr(b, name)
+        np.testing.assert_allclose(
+            getattr(a, name), want, rtol=rtol, atol=rtol * np.max(np.abs(want)), err_msg=name
+        )
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_merge_is_commutative_and_zero_is_neutral(covariance_type):
+    models = _other_models(covariance_type, np.float64)
+    x = jnp.asarray(X)
+    a = models[0].sufficient_statistics(x[:150], models[0].posterior(x[:150]))
+    b = models[1].sufficient_statistics(x[150:], models[1].posterior(x[150:]))
+    ab, ba = merge_statistics(a, b), merge_statistics(b, a)
+    for la, lb in zip(jax.tree_util.tree_leaves(ab), jax.tree_util.tree_leaves(ba), strict=True):
+        np.testing.assert_array_equal(la, lb)  # distinct counts: the same shift, bit for bit
+    # the larger part's shift is kept, per component
+    take_b = np.asarray(b.counts) > np.asarray(a.counts)
+    np.testing.assert_array_equal(ab.shift, np.where(take_b[:, None], b.shift, a.shift))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, a)
+    for s in (a, b, ab):
+        for merged in (merge_statistics(zeros, s), merge_statistics(s, zeros)):
+            for got, want in zip(
+                jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(s), strict=True
+            ):
+                np.testing.assert_array_equal(got, want)
+    # associativity, to rounding
+    c = models[2].sufficient_statistics(x[:40], models[2].posterior(x[:40]))
+    left = merge_statistics(merge_statistics(a, b), c)
+    right = merge_statistics(a, merge_statistics(b, c))
+    _assert_same_statistics(left, right)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_scale_and_weights_are_duplicated_and_dropped_rows(covariance_type):
+    model, once = _stats(covariance_type)
+    twice = np.concatenate([X, X])
+    doubled = model.sufficient_statistics(jnp.asarray(twice), model.posterior(jnp.asarray(twice)))
+    _assert_same_statistics(scale_statistics(once, 2.0), doubled)
+    _assert_same_statistics(scale_statistics(once, 2.0), once.merge(once))
+    np.testing.assert_array_equal(scale_statistics(once, 3.0).shift, once.shift)
+    # weight 2 on rows 0..49 == those rows twice; weight 0 on rows 200.. == rows dropped
+    w = np.ones(X.shape[0])
+    w[:50] = 2.0
+    w[200:] = 0.0
+    _, weighted = _stats(covariance_type, weights=jnp.asarray(w))
+    rows = np.concatenate([X[:50], X[:200]])
+    expected = model.sufficient_statistics(jnp.asarray(rows), model.posterior(jnp.asarray(rows)))
+    _assert_same_statistics(weighted, expected)
+    # padding: rows of weight 0 contribute nothing, whatever their responsibilities
+    x = jnp.asarray(np.concatenate([X, np.zeros((7, 2))]))
+    logits = model.posterior(x).logits.at[-7:].set(jnp.nan)
+    w = jnp.concatenate([jnp.ones(X.shape[0]), jnp.zeros(7)])
+    padded = model.sufficient_statistics(x, ej.Categorical(logits), weights=w)
+    _assert_same_statistics(padded, once)
+    with pytest.raises(ValueError, match=r"weights has shape \(3,\), expected \(N,\) with N=240"):
+        model.sufficient_statistics(
+            jnp.asarray(X), model.posterior(jnp.asarray(X)), weights=jnp.ones(3)
+        )
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_complete_data_statistics_round_trip(covariance_type, dtype):
+    model = _model(covariance_type, reg_covar=0.0, dtype=dtype)
+    stats = model.complete_data_statistics(1000)
+    np.testing.assert_allclose(stats.counts, 1000 * np.asarray(model.weights), rtol=1e-6)
+    back = model.maximize(stats)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    _assert_same_model(back, model, rtol=rtol)
+    floored = GaussianMixture(*_start(covariance_type, dtype), covariance_type, reg_covar=1e-2)
+    eye = np.eye(2) if covariance_type == "full" else np.ones(2)
+    np.testing.assert_allclose(
+        floored.maximize(stats).covariances - model.covariances,
+        np.broadcast_to(1e-2 * eye, model.covariances.shape),
+        atol=10 * rtol,
+    )
+    # merged with data statistics: the model acts as that many data (inertia)
+    _, data = _stats(covariance_type)
+    if dtype == np.float64:
+        merged = model.maximize(data.merge(stats))
+        assert not np.allclose(merged.means, model.maximize(data).means)
+
+
+def test_maximize_rejects_other_statistics():
+    with pytest.raises(TypeError, match="GaussianMixtureStatistics"):
+        _model("full").maximize({"counts": jnp.ones(3)})
+    with pytest.raises(ValueError, match="do not fit a 'full' model"):
+        _model("full").maximize(_model("diag").complete_data_statistics(10))
 
 
 def test_empty_component():
@@ -359,6 +513,112 @@ def test_float32_fit():
     for name in ("weights", "means", "covariances"):
         got = np.asarray(getattr(res.model, name), np.float64)
         np.testing.assert_allclose(got, getattr(ref, name), rtol=1e-4, atol=1e-5)
+
+
+def _narrow_and_far():
+    """500 points N(0, I) and 500 points N(100, 0.01^2 I) in 2-D: a narrow component far from
+    the data's mean, where expansions about a common centre cancel in float32."""
+    rng = np.random.default_rng(0)
+    return np.concatenate([rng.normal(size=(500, 2)), 100 + 0.01 * rng.normal(size=(500, 2))])
+
+
+def _cast(model, dtype):
+    return GaussianMixture(
+        *(np.asarray(a, dtype) for a in (model.weights, model.means, model.covariances)),
+        model.covariance_type,
+        model.reg_covar,
+    )
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_float32_fit_of_a_narrow_far_component_reaches_float64(covariance_type):
+    x = _narrow_and_far()
+    start = GaussianMixture.initialize(jr.key(0), x, 2, covariance_type)
+    ref = ej.fit(start, x)
+    got = ej.fit(_cast(start, np.float32), x.astype(np.float32))
+    assert ref.status == got.status == ej.Status.CONVERGED
+    elbo64 = float(ref.history[ref.num_iters - 1])
+    elbo32 = float(got.history[got.num_iters - 1])
+    assert elbo64 > 1.0
+    assert abs(elbo32 - elbo64) < 1e-3
+    np.testing.assert_allclose(ej.log_evidence(_cast(got.model, np.float64), x), elbo64, atol=1e-3)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_float32_table_and_statistics_of_a_narrow_far_component(covariance_type):
+    x32 = _narrow_and_far().astype(np.float32)
+    x64 = jnp.asarray(x32, jnp.float64)  # the same data, exactly
+    covs = np.array([1.0, 1e-4])[:, None] * (np.eye(2) if covariance_type == "full" else 1)
+    model32 = GaussianMixture(
+        np.array([0.5, 0.5], np.float32),
+        np.array([[0.01, -0.02], [100.001, 99.999]], np.float32),
+        np.broadcast_to(covs, (2, 2, 2) if covariance_type == "full" else (2, 2)).astype(
+            np.float32
+        ),
+        covariance_type,
+    )
+    model64 = _cast(model32, np.float64)
+    table = np.asarray(model32.log_joint_table(jnp.asarray(x32)), np.float64)
+    reference = np.asarray(ej.Model.log_joint_table(model64, x64))
+    eps = np.finfo(np.float32).eps
+    # a few ulps of each point's largest entry; diag: of each entry (plus D)
+    scale = np.max(np.abs(reference), axis=1, keepdims=True)
+    if covariance_type == "diag":
+        scale = np.abs(reference) + 2
+    assert np.max(np.abs(table - reference) / scale) < 8 * eps
+    # statistics about the component means: S_k to float32's rounding of itself
+    probs = jnp.asarray(np.asarray(model64.posterior(x64).probs), jnp.float32)
+    q32 = ej.Categorical(jnp.log(probs))
+    stats = model32.sufficient_statistics(jnp.asarray(x32), q32)
+    diff = np.asarray(x32, np.float64)[:, None] - np.asarray(model32.means, np.float64)[None]
+    r = np.asarray(probs, np.float64)
+    second = np.einsum("nk,nki,nkj->kij", r, diff, diff)
+    if covariance_type == "diag":
+        second = np.einsum("kii->ki", second)
+    for k in range(2):
+        np.testing.assert_allclose(
+            stats.second[k], second[k], rtol=1e-4, atol=1e-4 * np.max(np.abs(second[k]))
+        )
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_initialize_on_repeated_points_and_collinear_columns(covariance_type, dtype):
+    rng = np.random.default_rng(0)
+    repeated = np.repeat(rng.normal(size=(5, 3)), 20, axis=0)  # K=10 > 5 distinct points
+    base = rng.normal(size=(300, 1)) * 30 + 1000
+    collinear = np.concatenate([base, base], axis=1)  # a duplicated column
+    for x, k in ((repeated, 10), (collinear, 3)):
+        model = GaussianMixture.initialize(jr.key(0), x.astype(dtype), k, covariance_type)
+        assert model.means.dtype == dtype
+        covs = np.asarray(model.covariances, np.float64)
+        if covariance_type == "full":
+            np.testing.assert_array_equal(covs, np.swapaxes(covs, -1, -2))
+            assert np.all(np.linalg.eigvalsh(covs) > 0)
+        else:
+            assert np.all(covs > 0)
+        assert np.all(np.isfinite(model.log_joint_table(jnp.asarray(x, dtype))))
+
+
+def test_initialize_memory_stays_near_the_data_size():
+    from elbo_jax.models._gaussian_mixture import _kmeans_start
+
+    # (before: about 5x the data in temporaries, several (N, K) and (N, D) arrays at once)
+    n, d = 100_000, 32
+    x = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    for covariance_type in COVARIANCE_TYPES:
+        compiled = _kmeans_start.lower(
+            jr.key(0),
+            x,
+            jnp.asarray(1e-6, jnp.float32),
+            jnp.asarray(10, jnp.int32),
+            num_components=16,
+            covariance_type=covariance_type,
+        ).compile()
+        analysis = compiled.memory_analysis()
+        if analysis is None:  # not every backend reports it
+            pytest.skip("no memory analysis on this backend")
+        assert analysis.temp_size_in_bytes < 0.5 * n * d * 4
 
 
 def test_gradient_m_step_raises_the_elbo():

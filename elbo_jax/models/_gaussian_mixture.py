@@ -15,6 +15,7 @@ import numpy as np
 
 from .._custom_types import Array, Float, Int, Key, LogTable, Scalar
 from .._objective import log_evidence
+from .._statistics import AbstractStatistics
 from ._mixture import AbstractMixture, _check_data_shape, _is_concrete
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -100,6 +101,112 @@ def _features(xc: Float[Array, "N D"], covariance_type: str) -> Array:
     \tilde x]$ ``(N, D(D+1)/2 + D)``. One matmul against them beats two against the halves."""
     second = xc**2 if covariance_type == "diag" else _quadratic_features(xc)
     return jnp.concatenate([second, xc], axis=1)
+
+
+# Bits of a float32 (or narrower) result that the expansions about a common centre may lose
+# before the exact differences are used instead: the log-joint table, whose errors enter
+# log p(x) and the responsibilities directly, may lose 6 (a 64-fold larger rounding error
+# than its own magnitude); the second moments, whose errors move an M-step that is
+# stationary in them, may lose 12. The random 64-component, 32-dimensional benchmark data
+# lose about 3 and 9. float64 always expands (its 52 bits have room for any of this).
+_TABLE_BITS = 6
+_STATISTICS_BITS = 12
+
+
+def _expansion_may_cancel(dtype: Any) -> bool:
+    """Whether expansions about a common centre need the accuracy guard (not float64)."""
+    return jnp.finfo(dtype).bits < 64
+
+
+def _unless_inaccurate(
+    model_says_accurate: Array, data_say_accurate: Any, fast: Array, exact: Any
+) -> Array:
+    """``fast``, unless neither the model-only bound nor the data-dependent one
+    (``data_say_accurate()``, computed only when the first fails) vouches for it; then
+    ``exact()``. Nested conditionals, so that the common case pays for neither."""
+    return jax.lax.cond(
+        model_says_accurate,
+        lambda: fast,
+        lambda: jax.lax.cond(data_say_accurate(), lambda: fast, exact),
+    )
+
+
+def _centre(model: "GaussianMixture") -> Float[Array, " D"]:
+    r"""The common centre $c = \sum_k w_k \mu_k$ of the expansions: the mixture's mean. It
+    depends on the model only, so the table and the statistics of a chunk share their
+    features, and padded rows cannot move it."""
+    return model.weights @ model.loc
+
+
+# --------------------------------------------------------------------------- statistics
+@final
+class GaussianMixtureStatistics(AbstractStatistics):
+    r"""Expected sufficient statistics of a Gaussian mixture, about a shift carried inside.
+
+    With responsibilities $r_{nk}$, datum weights $v_n$ and, per component, a shift $a_k$
+    (the means $\mu_k$ of the model that computed them, which keeps float32 accurate):
+
+    $$n_k = \sum_n v_n r_{nk},\quad s_k = \sum_n v_n r_{nk}(x_n - a_k),\quad
+      S_k = \sum_n v_n r_{nk}(x_n - a_k)(x_n - a_k)^\top$$
+
+    (``"diag"``: the diagonal of $S_k$, shape ``(K, D)``). The same statistics about another
+    shift $b_k$, with $u_k = a_k - b_k$, are $n_k$, $s_k + n_k u_k$ and
+    $S_k + s_k u_k^\top + u_k s_k^\top + n_k u_k u_k^\top$ — exact algebra, so statistics
+    computed at different $\theta$ **merge**: both are moved to one shift per component and
+    added. The shift kept is that of the operand with the larger count (the one whose data
+    set it; ties: ``self``'s, unless ``self``'s is exactly zero), so all-zero statistics are
+    neutral, ``merge(zeros, s) == s`` bit for bit, and a merge never moves the larger part.
+    ``GaussianMixture.maximize`` reads the shift from here, never from the model.
+
+    **Fields:** ``counts`` ``(K,)``, ``shift`` ``(K, D)``, ``first`` ``(K, D)``,
+    ``second`` ``(K, D, D)`` or ``(K, D)``.
+    """
+
+    counts: Float[Array, " K"]
+    shift: Float[Array, "K D"]
+    first: Float[Array, "K D"]
+    second: Float[Array, "K D D"] | Float[Array, "K D"]
+
+    @property
+    def is_diagonal(self) -> bool:
+        return self.second.ndim == self.first.ndim
+
+    def about(self, shift: Float[Array, "K D"]) -> "GaussianMixtureStatistics":
+        r"""The same statistics about ``shift`` $b$: moved by $u = a - b$ (see the class)."""
+        u = self.shift - shift
+        n = self.counts[:, None]
+        first = self.first + n * u
+        if self.is_diagonal:
+            second = self.second + 2 * u * self.first + n * u**2
+        else:
+            cross = self.first[:, :, None] * u[:, None, :]
+            second = (
+                self.second
+                + cross
+                + jnp.swapaxes(cross, -1, -2)
+                + n[:, :, None] * (u[:, :, None] * u[:, None, :])
+            )
+        return GaussianMixtureStatistics(self.counts, shift, first, second)
+
+    def merge(self, other: Any) -> "GaussianMixtureStatistics":
+        """The statistics of both data sets, about the better-supported shift per component."""
+        if not isinstance(other, GaussianMixtureStatistics):
+            raise TypeError(f"cannot merge GaussianMixtureStatistics with {type(other).__name__}")
+        self_is_zero = jnp.all(self.shift == 0, axis=-1)
+        take_other = (other.counts > self.counts) | ((other.counts == self.counts) & self_is_zero)
+        shift = jnp.where(take_other[:, None], other.shift, self.shift)
+        # The operand whose shift is kept moves by exactly zero, so it is added unchanged.
+        a, b = self.about(shift), other.about(shift)
+        return GaussianMixtureStatistics(
+            a.counts + b.counts, shift, a.first + b.first, a.second + b.second
+        )
+
+    def scale(self, factor: Any) -> "GaussianMixtureStatistics":
+        """Every datum's weight times ``factor``: the sums scale, the shift stays."""
+        c = jnp.asarray(factor, self.counts.dtype)
+        return GaussianMixtureStatistics(
+            self.counts * c, self.shift, self.first * c, self.second * c
+        )
 
 
 # --------------------------------------------------------------------------- model
@@ -266,85 +373,137 @@ class GaussianMixture(AbstractMixture):
     def log_joint_table(self, x: Float[Array, "N D"]) -> LogTable:
         r"""The table $T_{nk} = \log w_k + \log\mathcal N(x_n\mid\mu_k,\Sigma_k)$, ``(N, K)``.
 
-        Everything is computed about the data mean $c$, with $\tilde x_n = x_n - c$ and
-        $\delta_k = \mu_k - c$, so nothing cancels badly in float32. Diag: $\sum_d p_{kd}^2
-        (\tilde x_{nd} - \delta_{kd})^2$ expanded into one matmul of the data-only features
-        $[\tilde x^2, \tilde x]$. Full: in float64, when $D(D+1)/2 \le KD$, the quadratic
-        form $\tilde x^\top P_k \tilde x - 2\tilde x^\top P_k\delta_k$
-        ($P_k = \Sigma_k^{-1}$) is one matmul of the features $[\tilde x_i\tilde x_j\
-        (i \le j), \tilde x]$; otherwise $\|A_k(\tilde x_n - \delta_k)\|^2$ from one
-        $(N, D) \times (D, KD)$ matmul. ``sufficient_statistics`` uses the same features, so
-        in a fit's pass XLA computes them once for both.
+        The quadratic forms are expanded about the mixture's mean $c = \sum_k w_k\mu_k$, with
+        $\tilde x_n = x_n - c$ and $\delta_k = \mu_k - c$, so that they become matrix products
+        with data-only features. Diag: $Q_{nk} = \sum_d p_{kd}^2 (\tilde x_{nd} -
+        \delta_{kd})^2$ ($p_{kd} = 1/\sigma_{kd}$) is one matmul of $[\tilde x^2, \tilde x]$.
+        Full: in float64, when $D(D+1)/2 \le KD$, $\tilde x^\top P_k \tilde x - 2\tilde
+        x^\top P_k\delta_k$ ($P_k = \Sigma_k^{-1}$) is one matmul of the features
+        $[\tilde x_i\tilde x_j\ (i \le j), \tilde x]$; otherwise $\|A_k(\tilde x_n -
+        \delta_k)\|^2$ from one $(N, D) \times (D, KD)$ matmul. ``sufficient_statistics`` uses
+        the same features, so in a fit's pass XLA computes them once for both.
+
+        **float32.** The diagonal expansion rounds its terms, of size up to $4Q_{nk} + 6B_k$
+        with $B_k = \sum_d p_{kd}^2\delta_{kd}^2$, so a narrow component far from $c$ cancels
+        catastrophically. Where some $B_k > 2^{6}(\min_n Q_{nk} + D)$ in these rows (an
+        entry could lose more than 6 bits relative to its own size), the table is computed
+        from the exact differences $x_n - \mu_k$ instead (a few times slower; under ``vmap``
+        over models both are computed).
         """
-        shift = jnp.mean(x, axis=0)
-        xc = x - shift[None]
-        delta = self.loc - shift[None]
+        c = _centre(self)
+        xc = x - c[None]
+        delta = self.loc - c[None]
+        k, d = self.num_components, self.dim
         if self.covariance_type == "diag":
-            p2 = self._precision_factor**2
+            p = self._precision_factor
+            p2 = p**2
             weight = jnp.concatenate([p2, -2 * delta * p2], axis=1)  # (K, 2D)
-            quad = _features(xc, "diag") @ weight.T + jnp.sum(delta**2 * p2, axis=-1)[None]
-        elif _use_quadratic_features(self.dim, self.num_components, x.dtype):
+            far = jnp.sum(delta**2 * p2, axis=-1)  # B_k
+            quad = jnp.maximum(_features(xc, "diag") @ weight.T + far[None], 0.0)
+            if _expansion_may_cancel(x.dtype):
+
+                def near_enough():
+                    return jnp.all(
+                        far <= 2.0**_TABLE_BITS * (jnp.min(quad, 0, initial=jnp.inf) + d)
+                    )
+
+                def exact():
+                    # (N, D, K): the reduction over D runs along contiguous K (faster on CPU)
+                    y = (x[:, :, None] - self.loc.T[None]) * p.T[None]
+                    return jnp.sum(y**2, axis=1)
+
+                quad = _unless_inaccurate(
+                    jnp.all(far <= 2.0**_TABLE_BITS * d), near_enough, quad, exact
+                )
+        elif _use_quadratic_features(d, k, x.dtype):
             factor = self._precision_factor
             precision = jnp.einsum("kai,kaj->kij", factor, factor)  # A^T A
-            rows, cols = _triu_indices(self.dim)
-            upper = 2 * precision - precision * _eye(self.dim, x.dtype)[None]
+            rows, cols = _triu_indices(d)
+            upper = 2 * precision - precision * _eye(d, x.dtype)[None]
             p_delta = jnp.einsum("kij,kj->ki", precision, delta)
             weight = jnp.concatenate([upper[:, rows, cols], -2 * p_delta], axis=1)  # (K, T + D)
             quad = _features(xc, "full") @ weight.T + jnp.sum(p_delta * delta, axis=-1)[None]
+            quad = jnp.maximum(quad, 0.0)
         else:
             factor = self._precision_factor
-            k, d = self.num_components, self.dim
             stacked = jnp.transpose(factor, (2, 0, 1)).reshape(d, k * d)  # [j, (k, i)] = A_kij
             y = (xc @ stacked).reshape(-1, k, d) - jnp.einsum("kij,kj->ki", factor, delta)[None]
             quad = jnp.sum(y**2, axis=-1)
-        quad = jnp.maximum(quad, 0.0)
         log_det = jnp.sum(self._log_precision_diag, axis=-1)
-        per_k = self.log_weights - 0.5 * self.dim * _LOG_2PI + log_det
+        per_k = self.log_weights - 0.5 * d * _LOG_2PI + log_det
         return per_k[None] - 0.5 * quad
 
     # ------------------------------------------------------------- closed-form M-step
     def has_closed_form(self, prior: Any) -> bool:
         return prior is None or isinstance(prior, GaussianMixturePrior)
 
-    def sufficient_statistics(self, x: Float[Array, "N D"], q: Any) -> dict[str, Array]:
-        r"""Expected statistics about the current means $\mu_k^{\text{old}}$ (a shift recomputed
-        from the model in ``maximize``, so float32 does not cancel):
+    def sufficient_statistics(
+        self, x: Float[Array, "N D"], q: Any, *, weights: Float[Array, " N"] | None = None
+    ) -> GaussianMixtureStatistics:
+        r"""Expected statistics about the current means $a_k = \mu_k$ (carried as the shift):
+        $n_k = \sum_n v_n r_{nk}$, $s_k = \sum_n v_n r_{nk}(x_n - a_k)$ and
+        $S_k = \sum_n v_n r_{nk}(x_n - a_k)(x_n - a_k)^\top$ (diag: its diagonal), with
+        $r_{nk} = q_n(z{=}k)$ and the datum weights $v_n$ (``weights``, default 1; a row of
+        weight 0 contributes nothing, whatever its responsibilities). A
+        ``GaussianMixtureStatistics``: statistics of other data, or of other models, merge.
 
-        $n_k = \sum_n r_{nk}$, $s_k = \sum_n r_{nk}(x_n-\mu_k^{\text{old}})$ and
-        $S_k = \sum_n r_{nk}(x_n-\mu_k^{\text{old}})(x_n-\mu_k^{\text{old}})^\top$ (diag: its
-        diagonal), with $r_{nk} = q_n(z{=}k)$. A dict of arrays; statistics of shards add up.
-
-        They are computed as matmuls of the responsibilities against data-only features
-        about the data mean $c$ (as ``log_joint_table``), then moved to the shift
-        $\mu_k^{\text{old}}$ with $\delta_k = \mu_k^{\text{old}} - c$. Full covariances in
-        float32 (or with $D(D+1)/2 > KD$) use the differences $x_n - \mu_k^{\text{old}}$
-        directly.
+        They are matmuls of the responsibilities against the data-only features about the
+        mixture's mean $c$ (as ``log_joint_table``), moved to $a_k$ with
+        $\delta_k = a_k - c$: $s_k = \tilde s_k - n_k\delta_k$, $S_k = \tilde S_k -
+        \tilde s_k\delta_k^\top - \delta_k\tilde s_k^\top + n_k\delta_k\delta_k^\top$. Full
+        covariances in float32 (or with $D(D+1)/2 > KD$) use the differences $x_n - a_k$.
+        Diag in float32: where the move would lose more than 12 bits of $S_k$ (its terms
+        exceed $2^{12}(|S_k| + n_k\sigma_k^2)$), $S_k$ comes from the differences instead.
         """
         q = q.resolve(self, x)
         dtype = self.loc.dtype
+        k, d = self.num_components, self.dim
         resp = q.probs.astype(dtype)
+        if weights is not None:
+            weights = jnp.asarray(weights, dtype)
+            if weights.shape != (x.shape[0],):
+                raise ValueError(
+                    f"weights has shape {weights.shape}, expected (N,) with N={x.shape[0]}"
+                )
+            # where, not a product: padded rows may carry any responsibilities, NaN included
+            resp = jnp.where((weights != 0)[:, None], resp * weights[:, None], 0.0)
         counts = jnp.sum(resp, axis=0)
+        shift = self.loc
         full = self.covariance_type == "full"
-        if full and not _use_quadratic_features(self.dim, self.num_components, dtype):
-            diff = x[:, None, :] - self.loc[None]
-            return {
-                "counts": counts,
-                "first": jnp.einsum("nk,nkd->kd", resp, diff),
-                "second": jnp.einsum("nk,nki,nkj->kij", resp, diff, diff),
-            }
-        shift = jnp.mean(x, axis=0)
-        xc = x - shift[None]
-        delta = self.loc - shift[None]
-        d = self.dim
+        if full and not _use_quadratic_features(d, k, dtype):
+            diff = x[:, None, :] - shift[None]
+            first = jnp.einsum("nk,nkd->kd", resp, diff)
+            second = jnp.einsum("nk,nki,nkj->kij", resp, diff, diff)
+            return GaussianMixtureStatistics(counts, shift, first, second)
+        c = _centre(self)
+        xc = x - c[None]
+        delta = shift - c[None]
         sums = resp.T @ _features(xc, self.covariance_type)  # one matmul: [second, first]
         first_c = sums[:, -d:]
         first = first_c - counts[:, None] * delta
         if not full:
-            second = sums[:, :d] - 2 * delta * first_c + counts[:, None] * delta**2
+            second_c = sums[:, :d]
+            second = second_c - 2 * delta * first_c + counts[:, None] * delta**2
+            if _expansion_may_cancel(dtype):
+                # The terms are at most 4 S_k + 6 n_k delta_k^2: the model alone can vouch.
+                far = 6 * delta**2 * self._precision_factor**2 + 4
+
+                def small_terms():
+                    size = second_c + 2 * jnp.abs(delta * first_c) + counts[:, None] * delta**2
+                    scale = jnp.abs(second) + counts[:, None] * self.covariances
+                    return jnp.all(size <= 2.0**_STATISTICS_BITS * scale)
+
+                def exact():
+                    diff = x[:, :, None] - shift.T[None]  # (N, D, K), as in the table
+                    return jnp.sum(resp[:, None, :] * diff**2, axis=0).T
+
+                second = _unless_inaccurate(
+                    jnp.all(far <= 2.0**_STATISTICS_BITS), small_terms, second, exact
+                )
         else:
             rows, cols = _triu_indices(d)
             upper = sums[:, :-d]
-            second_c = jnp.zeros((self.num_components, d, d), dtype).at[:, rows, cols].set(upper)
+            second_c = jnp.zeros((k, d, d), dtype).at[:, rows, cols].set(upper)
             second_c = second_c + jnp.swapaxes(jnp.triu(second_c, 1), -1, -2)
             cross = jnp.einsum("ki,kj->kij", delta, first_c)
             second = (
@@ -353,17 +512,41 @@ class GaussianMixture(AbstractMixture):
                 - jnp.swapaxes(cross, -1, -2)
                 + counts[:, None, None] * jnp.einsum("ki,kj->kij", delta, delta)
             )
-        return {"counts": counts, "first": first, "second": second}
+        return GaussianMixtureStatistics(counts, shift, first, second)
+
+    def complete_data_statistics(self, num_data: Any) -> GaussianMixtureStatistics:
+        r"""The statistics that $m$ = ``num_data`` data drawn from the model itself have in
+        expectation: about the shift $\mu_k$, $n_k = m w_k$, $s_k = 0$, $S_k = m w_k\Sigma_k$
+        (diag: the variances). ``maximize`` of them gives the model back, up to rounding,
+        when ``reg_covar`` is 0; otherwise every covariance gains ``reg_covar`` on its
+        diagonal (the M-step adds it to whatever the statistics say)."""
+        dtype = self.loc.dtype
+        counts = jnp.asarray(num_data, dtype) * self.weights
+        expand = (slice(None),) + (None,) * (self.raw_precision_factor.ndim - 1)
+        return GaussianMixtureStatistics(
+            counts, self.loc, jnp.zeros_like(self.loc), counts[expand] * self.covariances
+        )
 
     def maximize(
-        self, stats: dict[str, Array], prior: "GaussianMixturePrior | None" = None
+        self, stats: GaussianMixtureStatistics, prior: "GaussianMixturePrior | None" = None
     ) -> "GaussianMixture":
-        r"""The closed-form M-step from ``sufficient_statistics`` (maximum likelihood, or the
-        MAP with a ``GaussianMixturePrior``; see the class and the prior for the formulas)."""
+        r"""The closed-form M-step from ``GaussianMixtureStatistics`` (maximum likelihood, or
+        the MAP with a ``GaussianMixturePrior``; see the class and the prior for the formulas).
+
+        Everything is computed about the statistics' own shift $a_k$, never about this
+        model's means, so statistics from any $\theta$ (merged or not) give the same model.
+        A component with (almost) no data keeps this model's mean and covariance."""
+        if not isinstance(stats, GaussianMixtureStatistics):
+            raise TypeError(f"maximize needs GaussianMixtureStatistics, got {type(stats).__name__}")
+        if stats.is_diagonal != (self.covariance_type == "diag"):
+            raise ValueError(
+                f"statistics with second moments of shape {stats.second.shape} do not fit a "
+                f"{self.covariance_type!r} model"
+            )
         dtype = self.loc.dtype
         k, d = self.num_components, self.dim
         tiny = _tiny(dtype)
-        counts, first, second = stats["counts"], stats["first"], stats["second"]
+        counts, shift, first, second = stats.counts, stats.shift, stats.first, stats.second
         # n_k gets scikit-learn's 10 eps where it divides, so an empty component stays finite.
         if prior is None:
             offset = jnp.zeros((k, d), dtype)
@@ -374,18 +557,18 @@ class GaussianMixture(AbstractMixture):
         else:
             prior = prior._cast(self)
             kappa = prior.mean_precision
-            offset = kappa * (prior.mean[None] - self.loc)
+            offset = kappa * (prior.mean[None] - shift)
             psi = prior.scale
             mean_denominator = counts + kappa
             denominator = counts + prior.dof + (d + 2 if self.covariance_type == "full" else 3)
             weight_counts = counts + (prior.concentration - 1) + tiny
-        # The new (posterior) mean m_k, as an offset e_k = m_k - mu_k^old from the shift point.
+        # The new (posterior) mean m_k, as an offset e_k = m_k - a_k from the shift.
         e = (first + offset) / mean_denominator[:, None]
         if self.covariance_type == "diag":
             scatter = second - 2 * first * e + counts[:, None] * e**2
             psi_n = jnp.diagonal(psi)[None] + scatter
             if prior is not None:
-                psi_n = psi_n + kappa * (self.loc + e - prior.mean[None]) ** 2
+                psi_n = psi_n + kappa * (shift + e - prior.mean[None]) ** 2
             cov = psi_n / denominator[:, None] + self.reg_covar
         else:
             fe = jnp.einsum("ki,kj->kij", first, e)
@@ -397,7 +580,7 @@ class GaussianMixture(AbstractMixture):
             )
             psi_n = psi[None] + scatter
             if prior is not None:
-                dm = self.loc + e - prior.mean[None]  # m_k - m0
+                dm = shift + e - prior.mean[None]  # m_k - m0
                 psi_n = psi_n + kappa * jnp.einsum("ki,kj->kij", dm, dm)
             psi_n = 0.5 * (psi_n + jnp.swapaxes(psi_n, -1, -2))
             cov = psi_n / denominator[:, None, None] + self.reg_covar * _eye(d, dtype)[None]
@@ -411,7 +594,7 @@ class GaussianMixture(AbstractMixture):
         else:
             take_mean = jnp.ones((k,), bool)
         take_cov = take_mean & jnp.all(jnp.isfinite(raw), axis=axes)
-        loc = jnp.where(take_mean[:, None], self.loc + e, self.loc)
+        loc = jnp.where(take_mean[:, None], shift + e, self.loc)
         expand = (slice(None),) + (None,) * (raw.ndim - 1)
         raw = jnp.where(take_cov[expand], raw, self.raw_precision_factor)
         logits = jnp.log(weight_counts) - jnp.log(jnp.sum(weight_counts))
@@ -479,6 +662,13 @@ class GaussianMixture(AbstractMixture):
         cluster covariance (the whole data's if the cluster has fewer than 2 points) plus
         ``reg_covar``. The same key gives the same model; the dtype is that of ``x``.
 
+        Scatters are sums of the differences from each point's own centre (never
+        $E[xx^\top] - mm^\top$), symmetrised; a full covariance that is still not positive
+        definite (repeated points, collinear columns, a ``reg_covar`` below float32's
+        resolution) gets the smallest of a few jitters $\propto D\epsilon\max_i\Sigma_{ii}$
+        that makes it so. The data are read in blocks of rows, so the temporaries stay well
+        below the size of ``x`` itself.
+
         ```python
         model = ej.models.GaussianMixture.initialize(jax.random.key(0), x, 3, "diag")
         ```
@@ -512,68 +702,152 @@ class GaussianMixture(AbstractMixture):
         return cls(weights, means, covs, covariance_type, reg_covar)
 
 
+# Rows per block in ``initialize``: about this many elements in a block's largest temporary
+# ((rows, K) distances, or (rows, K D) for the full scatter), so that only one block's
+# temporaries are alive at a time and memory stays near the data's own size.
+_INIT_BLOCK_ELEMENTS = 2**18
+
+
+def _sum_over_row_blocks(fn: Any, x: Array, width: int, init: Any) -> Any:
+    """$\\sum_b$ ``fn(x_b)`` over blocks $x_b$ of rows of ``x`` (pytrees added leafwise).
+
+    Blocks have about ``_INIT_BLOCK_ELEMENTS / width`` rows; full blocks are read with a
+    dynamic slice inside a ``fori_loop`` (a static slice of ``x`` would be copied whole),
+    the remainder once more."""
+    n = x.shape[0]
+    size = int(min(n, max(8, _INIT_BLOCK_ELEMENTS // max(width, 1))))
+    num_full, rest = divmod(n, size)
+
+    def add(total, block):
+        return jax.tree_util.tree_map(jnp.add, total, fn(block))
+
+    total = jax.lax.fori_loop(
+        0,
+        num_full,
+        lambda i, t: add(t, jax.lax.dynamic_slice_in_dim(x, i * size, size)),
+        init,
+    )
+    return add(total, x[num_full * size :]) if rest else total
+
+
+def _positive_definite(cov: Float[Array, "K D D"]) -> Float[Array, "K D D"]:
+    r"""``cov`` where its precision factor (what the constructor checks) is finite; else
+    ``cov`` plus the first jitter $j\,s\,D\,\epsilon\,I$, $j \in \{1, 10^2, 10^4\}$ ($s$ the
+    largest variance of that matrix), that makes it so; else $sI$. A scatter of collinear or
+    repeated data is singular, and ``reg_covar`` may be below float32's resolution of it."""
+    d = cov.shape[-1]
+    dtype = cov.dtype
+    eye = _eye(d, dtype)[None]
+    s = jnp.max(jnp.diagonal(cov, axis1=-2, axis2=-1), axis=-1)
+    s = jnp.maximum(s, jnp.finfo(dtype).tiny)[:, None, None]
+    eps = float(jnp.finfo(dtype).eps)
+    candidates = [cov] + [cov + (level * d * eps) * s * eye for level in (1.0, 1e2, 1e4)]
+    result = s * eye
+    for candidate in reversed(candidates):
+        raw = _precision_factor_from_covariance(candidate, "full")
+        ok = jnp.all(jnp.isfinite(raw), axis=(-2, -1))
+        result = jnp.where(ok[:, None, None], candidate, result)
+    return result
+
+
 @functools.partial(jax.jit, static_argnames=("num_components", "covariance_type"))
 def _kmeans_start(key, x, reg_covar, num_iters, *, num_components, covariance_type):
     n, d = x.shape
     k = num_components
+    dtype = x.dtype
     key_first, key_rest = jr.split(key)
+    full = covariance_type == "full"
 
-    shift = jnp.mean(x, axis=0)
-    xc = x - shift[None]  # centred, so the expanded squared distances below do not cancel
-    xc_sq = jnp.sum(xc**2, axis=-1)
-
-    def sq_dist(c):
+    def sq_dist(c):  # fused: no (N, D) temporary
         return jnp.sum((x - c[None]) ** 2, axis=-1)
-
-    def sq_dists(centres):  # (N, K) without the (N, K, D) differences
-        cc = centres - shift[None]
-        d2 = xc_sq[:, None] - 2 * xc @ cc.T + jnp.sum(cc**2, axis=-1)[None]
-        return jnp.maximum(d2, 0.0)
 
     num_trials = 2 + int(math.log(k))
 
     def seed(i, carry):
         centres, d2 = carry
         # Greedy D^2 sampling: draw a few candidates, keep the one that lowers the k-means
-        # potential most; if every point is already a centre, draw uniformly.
-        logits = jnp.where(jnp.sum(d2) > 0, jnp.log(d2), 0.0)
-        picks = jr.categorical(jr.fold_in(key_rest, i), logits, shape=(num_trials,))
+        # potential most; if every point is already a centre, draw uniformly. Drawn by
+        # inverting the cumulative sum (one (N,) array; categorical would hold (trials, N)
+        # random bits and noise).
+        mass = jnp.where(jnp.sum(d2) > 0, d2, 1.0)
+        cumulative = jnp.cumsum(mass)
+        u = jr.uniform(jr.fold_in(key_rest, i), (num_trials,), dtype) * cumulative[-1]
+        picks = jnp.minimum(jnp.searchsorted(cumulative, u, side="right"), n - 1)
         candidates = x[picks]
         cand_d2 = jnp.minimum(d2[None], jax.vmap(sq_dist)(candidates))
         best = jnp.argmin(jnp.sum(cand_d2, axis=-1))
         return centres.at[i].set(candidates[best]), cand_d2[best]
 
     first = x[jr.randint(key_first, (), 0, n)]
-    centres = jnp.zeros((k, d), x.dtype).at[0].set(first)
+    centres = jnp.zeros((k, d), dtype).at[0].set(first)
     centres, _ = jax.lax.fori_loop(1, k, seed, (centres, sq_dist(first)))
 
-    def assign(centres):
-        onehot = jax.nn.one_hot(jnp.argmin(sq_dists(centres), axis=-1), k, dtype=x.dtype)
-        counts = jnp.sum(onehot, axis=0)
-        means = (onehot.T @ x) / jnp.maximum(counts, 1.0)[:, None]
-        return onehot, counts, jnp.where((counts > 0)[:, None], means, centres)
+    # Distances are expanded about the data mean (so they do not cancel as they would about
+    # the origin), one block of rows at a time.
+    shift = jnp.mean(x, axis=0)
 
-    centres = jax.lax.fori_loop(0, num_iters, lambda _, c: assign(c)[2], centres)
-    onehot, counts, means = assign(centres)
+    def labels(centres, xb):
+        cc = centres - shift[None]
+        xcb = xb - shift[None]
+        d2 = jnp.sum(xcb**2, axis=-1)[:, None] - 2 * xcb @ cc.T + jnp.sum(cc**2, axis=-1)[None]
+        return jnp.argmin(d2, axis=-1)
 
-    tiny = _tiny(x.dtype)
-    weights = (counts + tiny) / jnp.sum(counts + tiny)
-    # Scatter about each cluster mean from matmuls of the centred data (no (N, K, D) array).
-    safe = jnp.maximum(counts, 1.0)
-    mc = (onehot.T @ xc) / safe[:, None]  # cluster means, centred
-    few = (counts < 2)[:, None]
-    if covariance_type == "diag":
-        cluster = (onehot.T @ xc**2) / safe[:, None] - mc**2
-        overall = jnp.mean(xc**2, axis=0)
-        covs = jnp.where(few, overall[None], jnp.maximum(cluster, 0.0)) + reg_covar
-    else:
-        second = jax.lax.map(lambda w: (xc * w[:, None]).T @ xc, onehot.T)  # one k at a time
-        cluster = second / safe[:, None, None] - jnp.einsum("ki,kj->kij", mc, mc)
-        overall = xc.T @ xc / n
-        covs = (
-            jnp.where(few[..., None], overall[None], cluster) + reg_covar * _eye(d, x.dtype)[None]
+    def block_statistics(centres, xb, with_second):
+        # Sums of the differences from each row's own centre: exact and small, so the
+        # scatter below needs no E[x x^T] - m m^T.
+        lab = labels(centres, xb)
+        onehot = jax.nn.one_hot(lab, k, dtype=dtype)
+        diff = xb - centres[lab]
+        out = (jnp.sum(onehot, axis=0), onehot.T @ diff)
+        if not with_second:
+            return out
+        if not full:
+            return (*out, onehot.T @ diff**2)
+        spread = (onehot[:, :, None] * diff[:, None, :]).reshape(-1, k * d)
+        return (*out, (spread.T @ diff).reshape(k, d, d))
+
+    def lloyd(_, centres):
+        init = (jnp.zeros((k,), dtype), jnp.zeros((k, d), dtype))
+        counts, sums = _sum_over_row_blocks(
+            lambda xb: block_statistics(centres, xb, False), x, max(k, d), init
         )
-    return weights, means, covs
+        moved = centres + sums / jnp.maximum(counts, 1.0)[:, None]
+        return jnp.where((counts > 0)[:, None], moved, centres)  # an empty cluster stays
+
+    centres = jax.lax.fori_loop(0, num_iters, lloyd, centres)
+    second_shape = (k, d, d) if full else (k, d)
+    init = (jnp.zeros((k,), dtype), jnp.zeros((k, d), dtype), jnp.zeros(second_shape, dtype))
+    counts, sums, second = _sum_over_row_blocks(
+        lambda xb: block_statistics(centres, xb, True), x, k * d if full else max(k, d), init
+    )
+    # Cluster means and scatters about them, from the sums about each cluster's centre.
+    safe = jnp.maximum(counts, 1.0)
+    offset = sums / safe[:, None]
+    means = jnp.where((counts > 0)[:, None], centres + offset, centres)
+    # The whole data's scatter by the law of total variance: within plus between clusters.
+    mean = counts @ means / n
+    between = means - mean[None]
+    tiny = _tiny(dtype)
+    weights = (counts + tiny) / jnp.sum(counts + tiny)
+    few = counts < 2
+    if not full:
+        within = jnp.maximum(second - counts[:, None] * offset**2, 0.0)
+        overall = (jnp.sum(within, axis=0) + counts @ between**2) / n + reg_covar
+        covs = jnp.where(few[:, None], overall[None], within / safe[:, None] + reg_covar)
+        # A variance that is still 0 (constant data, reg_covar=0) becomes a tiny positive one.
+        floor = jnp.maximum(
+            jnp.max(overall) * d * float(jnp.finfo(dtype).eps), jnp.finfo(dtype).tiny
+        )
+        covs = jnp.where(covs > 0, covs, floor)
+        return weights, means, covs
+    within = second - counts[:, None, None] * (offset[:, :, None] * offset[:, None, :])
+    within = 0.5 * (within + jnp.swapaxes(within, -1, -2))
+    spread = jnp.einsum("k,ki,kj->ij", counts, between, between)
+    overall = (jnp.sum(within, axis=0) + spread) / n
+    overall = 0.5 * (overall + overall.T)
+    eye = _eye(d, dtype)[None]
+    covs = jnp.where(few[:, None, None], overall[None], within / safe[:, None, None])
+    return weights, means, _positive_definite(covs + reg_covar * eye)
 
 
 # --------------------------------------------------------------------------- prior
