@@ -185,6 +185,7 @@ _SHARDED = textwrap.dedent(
         _fit._unused_key(), np.asarray(0.0), np.asarray(5, np.int32), None).as_text()
     out["reduction"] = ("all-reduce" in hlo) or ("all-gather" in hlo)
     print(repr(out))
+
     """
 )
 
@@ -204,7 +205,7 @@ def test_sharded_em_equals_unsharded_em():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 - our own dict literal
-    assert out["reduction"]
+    assert out["reduction"], out
     assert out["gmm_history"] < 1e-12 and out["gmm_params"] < 1e-10, out
     # Three coins has no closed form: its numerical M-step stops on a relative change of a
     # few eps, so a different summation order moves the parameters by up to ~1e-8.

@@ -125,7 +125,9 @@ def _iterate(
     finite = jnp.isfinite(objective) & solver.is_finite(state)
     started = loop.started
     increase = objective - loop.objective
-    rounding = 64 * jnp.finfo(objective.dtype).eps * (1 + jnp.abs(loop.objective))
+    # F is a mean of N terms: its rounding error grows like sqrt(N) eps (1 + |F|).
+    scale = jnp.sqrt(jnp.maximum(data.num_data.astype(objective.dtype), 1.0))
+    rounding = 64 * jnp.finfo(objective.dtype).eps * (1 + jnp.abs(loop.objective)) * scale
     increased = started & solver.monotone & (increase > rounding)
     iteration = loop.iteration + started.astype(jnp.int32)
     status = jnp.where(
