@@ -30,6 +30,7 @@ from ._steps import (
     GradientEStep,
     _OptaxStep,
 )
+from ._traced import Traced
 from ._validate import check_log_joint, check_model, prepare_data
 
 
@@ -103,7 +104,6 @@ def _resolve_m_step(m_step: Any) -> AbstractMStep:
     if isinstance(m_step, AbstractMStep):
         return m_step
     raise TypeError(f"m_step must be 'exact' or an ej.GradientMStep(...), got {m_step!r}")
-
 
 
 def _check_initial(initial: float) -> None:
@@ -267,8 +267,7 @@ def _call(fn: Callable, mesh: Any, *args: Any) -> Any:
     dynamic, static = eqx.partition(args, eqx.is_array)
     # The outputs' structure, from the unsharded function on unsharded shapes.
     plain = tuple(
-        dataclasses.replace(a, axis_name=None) if isinstance(a, _data.Dataset) else a
-        for a in args
+        dataclasses.replace(a, axis_name=None) if isinstance(a, _data.Dataset) else a for a in args
     )
     plain = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if eqx.is_array(a) else a, plain
@@ -415,8 +414,11 @@ def fit(
     solver, chunk_size = _choose_solver(first, x, q, e_step, m_step, prior)
     if mesh is not None and not (
         isinstance(solver, StatisticsEM)
-        or (isinstance(e_step, ExactEStep) and isinstance(m_step, ExactMStep)
-            and first.has_closed_form(prior))
+        or (
+            isinstance(e_step, ExactEStep)
+            and isinstance(m_step, ExactMStep)
+            and first.has_closed_form(prior)
+        )
     ):
         raise NotImplementedError(
             "sharded fits run exact EM with a closed-form or found M-step; gradient and "
@@ -431,6 +433,8 @@ def fit(
     if isinstance(m_step, _OptaxStep):
         params, _ = eqx.partition(first, eqx.is_inexact_array)
         solver = eqx.tree_at(lambda s: s.m_step, solver, m_step.hashable(params))
+    if prior is not None:
+        solver = eqx.tree_at(lambda s: s.prior, solver, _compiled_prior(prior, first))
 
     tol_arr = np.asarray(tol, dtype)
     iters = np.asarray(max_iters, np.int32)
@@ -487,6 +491,19 @@ def _join_history(segments: list, num_iters: int) -> np.ndarray:
     iterations ``s * HISTORY_SIZE`` onwards at slot ``i % HISTORY_SIZE``)."""
     out = np.concatenate(segments) if len(segments) > 1 else segments[0]
     return out[:num_iters]
+
+
+def _compiled_prior(prior: Callable, model: Model) -> Callable:
+    """A plain function ``prior(model)`` as a ``Traced`` program, so that a fresh lambda
+    (or one with another constant) does not compile a new fit. Modules (such as
+    ``GaussianMixturePrior``) are pytrees already and stay as they are; a prior that cannot
+    be traced on its own stays as it is too (it then compiles per function object)."""
+    if isinstance(prior, eqx.Module):
+        return prior
+    try:
+        return Traced(prior, model)
+    except Exception:  # noqa: BLE001 - any failure: keep the function, still correct
+        return prior
 
 
 def _choose_solver(

@@ -1,20 +1,26 @@
 """Optax optimizers inside compiled steps, without a recompile for every fresh optimizer.
 
 ``optax.adam(1e-3)`` returns new closures each time it is called, and jit would treat each
-as a new static argument. ``HashableOptimizer`` compares optimizers by what they compute:
-the text of the jaxprs of ``init`` and ``update`` for the parameters at hand (hyperparameters
-given as Python numbers appear there as literals) plus the values of any captured arrays.
-Two optimizers that compute the same thing share one compiled fit.
+as a new static argument. ``compiled_optimizer`` turns an optimizer into one that jit can
+compare: a plain ``GradientTransformation`` becomes a ``TracedOptimizer`` whose ``init`` and
+``update`` are ``_traced.Traced`` programs — the learning rate and every other number are
+dynamic leaves, so ``optax.adam(1e-2)`` and ``optax.adam(1e-3)`` share one compiled fit
+while computing with their own rates. An optimizer whose ``update`` takes extra arguments
+(L-BFGS: the loss function itself) is compared by the text and constants of its jaxprs
+(``HashableOptimizer``): the same optimizer shares a fit, another rate compiles anew.
 """
 
 import functools
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from ._traced import Traced
 
 
 def library_promotion() -> Any:
@@ -59,6 +65,8 @@ def takes_extra_args(optimizer: Any) -> bool:
 
 def update(optimizer: Any, grads: Any, state: Any, params: Any, value: Any, value_fn: Any) -> tuple:
     """``optimizer.update``, passing ``value``/``grad``/``value_fn`` to those that take them (L-BFGS)."""
+    if isinstance(optimizer, TracedOptimizer):
+        return optimizer.update(grads, state, params, jnp.asarray(value, jnp.zeros(()).dtype))
     if takes_extra_args(optimizer):
         return optimizer.update(grads, state, params, value=value, grad=grads, value_fn=value_fn)
     return optimizer.update(grads, state, params)
@@ -95,3 +103,53 @@ class HashableOptimizer:
 
     def __repr__(self) -> str:
         return f"HashableOptimizer({self.optimizer!r})"
+
+
+class TracedOptimizer(eqx.Module):
+    """A plain optax optimizer with its numbers as dynamic leaves (see the module docstring)."""
+
+    init_fn: Traced
+    update_fn: Traced  # (grads, state, params, value) -> (updates, state)
+
+    def init(self, params: Any) -> Any:
+        return self.init_fn(params)
+
+    def update(self, grads: Any, state: Any, params: Any, value: Any) -> tuple:
+        return self.update_fn(grads, state, params, value)
+
+
+def _uses_value_fn(optimizer: Any, params: Any, state: Any, value: Any) -> bool:
+    """Whether ``optimizer.update`` calls its ``value_fn`` (a line search: L-BFGS)."""
+    called = []
+
+    def value_fn(p):
+        called.append(True)
+        return jnp.zeros((), value.dtype)
+
+    jax.eval_shape(
+        lambda g, s, p, v: optimizer.update(g, s, p, value=v, grad=g, value_fn=value_fn),
+        params,
+        state,
+        params,
+        value,
+    )
+    return bool(called)
+
+
+def compiled_optimizer(optimizer: Any, params: Any) -> Any:
+    """``optimizer`` in a form that jit compares by computation (see the module docstring)."""
+    if isinstance(optimizer, (HashableOptimizer, TracedOptimizer)):
+        return optimizer
+    shapes = jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    value = jax.ShapeDtypeStruct((), jnp.zeros(()).dtype)
+    with library_promotion():
+        state = jax.eval_shape(optimizer.init, shapes)
+        if takes_extra_args(optimizer) and _uses_value_fn(optimizer, shapes, state, value):
+            return HashableOptimizer(optimizer, params)
+
+        def update_fn(g, s, p, v):
+            return update(optimizer, g, s, p, v, _zero_value_fn)
+
+        return TracedOptimizer(
+            Traced(optimizer.init, shapes), Traced(update_fn, shapes, state, shapes, value)
+        )

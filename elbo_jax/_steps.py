@@ -54,10 +54,8 @@ class _OptaxStep(eqx.Module):
             or self.num_steps < 1
         ):
             raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
-        opt = self.optimizer
-        if isinstance(opt, _optax.HashableOptimizer):
-            opt = opt.optimizer
-        if not isinstance(opt, optax.GradientTransformation):
+        compiled = (_optax.HashableOptimizer, _optax.TracedOptimizer)
+        if not isinstance(self.optimizer, (optax.GradientTransformation, *compiled)):
             raise TypeError(
                 "optimizer must be an optax.GradientTransformation such as optax.adam(1e-2), "
                 f"got {self.optimizer!r}"
@@ -74,8 +72,8 @@ class _OptaxStep(eqx.Module):
         return opt.optimizer if isinstance(opt, _optax.HashableOptimizer) else opt
 
     def hashable(self, params: Any) -> "_OptaxStep":
-        """This step with its optimizer compared by computation (see ``_optax``)."""
-        return type(self)(_optax.HashableOptimizer(self.optimizer, params), self.num_steps)
+        """This step with its optimizer in a form jit compares by computation (``_optax``)."""
+        return type(self)(_optax.compiled_optimizer(self.optimizer, params), self.num_steps)
 
 
 # ---------------------------------------------------------------------------- E-steps
@@ -161,7 +159,14 @@ class AbstractMStep(eqx.Module):
 
     @abc.abstractmethod
     def step(
-        self, model: Model, q: AbstractQ, state: Any, data: Dataset, *, key: Key | None, prior: Prior
+        self,
+        model: Model,
+        q: AbstractQ,
+        state: Any,
+        data: Dataset,
+        *,
+        key: Key | None,
+        prior: Prior,
     ) -> tuple[Model, Any]:
         """One M-step: a new model and step state."""
 

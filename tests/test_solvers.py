@@ -127,6 +127,39 @@ def test_new_n_within_a_bucket_does_not_recompile():
     np.testing.assert_allclose(res.elbo, ej.log_evidence(res.model, x), rtol=1e-12)
 
 
+@pytest.mark.parametrize("q", [None, ej.Categorical()], ids=["statistics", "coordinate"])
+def test_a_fresh_prior_lambda_with_another_constant_does_not_recompile(q):
+    def fit_with(strength):
+        prior = lambda m: -0.5 * strength * jnp.sum(m.logits**2)  # a new function each time
+        return ej.fit(COINS, X, q=q, prior=prior, max_iters=5, tol=0.0)
+
+    first = fit_with(0.25)
+    second, names = _count_compiles(lambda: fit_with(4.0))
+    assert not any("_call" in str(name) for name in names), names
+    # ... and each computes with its own constant: F includes its own log p(θ)/N.
+    for res, strength in ((first, 0.25), (second, 4.0)):
+        log_prior = -0.5 * strength * float(jnp.sum(res.model.logits**2))
+        expected = float(ej.log_evidence(res.model, X)) + log_prior / X.shape[0]
+        np.testing.assert_allclose(float(res.elbo), expected, rtol=1e-12)
+    assert abs(float(first.elbo) - float(second.elbo)) > 1e-4
+
+
+def test_a_new_learning_rate_does_not_recompile_and_is_used():
+    import optax
+
+    def fit_with(lr):
+        m_step = ej.GradientMStep(optax.adam(lr), num_steps=2)
+        return ej.fit(COINS, X, m_step=m_step, max_iters=6, tol=0.0)
+
+    fit_with(0.05)
+    slow, names = _count_compiles(lambda: fit_with(1e-3))
+    assert not any("_call" in str(name) for name in names), names
+    fast = fit_with(0.05)
+    # Six iterations of two Adam steps move each logit by at most ~12 lr.
+    assert np.max(np.abs(slow.model.logits - COINS.logits)) < 12 * 1e-3 * 1.01
+    assert np.max(np.abs(fast.model.logits - COINS.logits)) > 12 * 1e-3 * 2
+
+
 def test_a_fit_longer_than_the_history_buffer_keeps_every_iteration():
     from elbo_jax._solvers import HISTORY_SIZE
 
