@@ -23,7 +23,7 @@ from .._data import Dataset, map_over_data, per_datum_size
 from .._model import Model, is_finite_tree
 from .._objective import free_energy_from_sum
 from .._q import Categorical, normalize_table
-from .._steps import ExactMStep, minimize_lbfgs
+from .._steps import ExactMStep, minimize_lbfgs, polish_newton
 from ._base import AbstractSolver
 
 # The found split's per-datum features are computed once per fit unless they would take
@@ -125,10 +125,12 @@ class StatisticsEM(AbstractSolver):
 
         def loss(p):
             m = eqx.combine(p, static)
-            return free_energy_from_sum(self.split.objective(m, stats), m, self.prior, data.num_data)
+            return free_energy_from_sum(
+                self.split.objective(m, stats), m, self.prior, data.num_data
+            )
 
         params = minimize_lbfgs(loss, params, max_steps=self.m_step.max_steps, tol=self.m_step.tol)
-        return eqx.combine(params, static)
+        return eqx.combine(polish_newton(loss, params), static)
 
     def step(self, state, data, started):
         model = jax.lax.cond(
@@ -149,4 +151,3 @@ class StatisticsEM(AbstractSolver):
 
     def is_finite(self, state):
         return is_finite_tree(state.model)
-
