@@ -14,8 +14,8 @@ import jax.scipy.special as jss
 import numpy as np
 
 from .._custom_types import Array, Float, Int, Key, LogTable, Scalar
-from .._objective import log_evidence
 from .._statistics import AbstractStatistics
+from .._validate import canonical_float_dtype, check_number, is_integer
 from ._mixture import AbstractMixture, _check_data_shape, _is_concrete
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -37,29 +37,14 @@ def _diag_embed(v: Array) -> Array:
     return v[..., :, None] * jnp.broadcast_to(_eye(d, v.dtype), (*v.shape, d))
 
 
-def _float_dtype(*arrays: Any) -> Any:
-    """The floating dtype the inputs agree on (NumPy promotion), canonicalised by JAX.
-
-    Unlike ``_mixture._float_dtype`` this takes lists and scalars too, and counts only
-    NumPy's kind ``"f"`` as floating: a ``bfloat16`` input gives the default float, which
-    the Cholesky factorisation needs (it has no ``bfloat16`` kernel).
-    """
-    kinds = [np.dtype(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype) for a in arrays]
-    floats = [k for k in kinds if k.kind == "f"]
-    dtype = np.result_type(*floats) if floats else jnp.zeros(()).dtype
-    return jnp.zeros((), dtype).dtype
-
-
 def _check_covariance_type(covariance_type: Any) -> None:
     if covariance_type not in _COVARIANCE_TYPES:
         raise ValueError(f"covariance_type must be 'full' or 'diag', got {covariance_type!r}")
 
 
 def _check_reg_covar(reg_covar: Any) -> float:
-    ok = isinstance(reg_covar, (int, float)) and not isinstance(reg_covar, bool)
-    if not ok or not math.isfinite(reg_covar) or reg_covar < 0:
-        raise ValueError(f"reg_covar must be a finite number >= 0, got {reg_covar!r}")
-    return float(reg_covar)
+    """``reg_covar`` as a Python float (NumPy scalars too); ``ValueError`` unless finite, >= 0."""
+    return check_number("reg_covar", reg_covar, low=0.0)
 
 
 def _precision_factor_from_covariance(cov: Array, covariance_type: str) -> Array:
@@ -103,19 +88,22 @@ def _features(xc: Float[Array, "N D"], covariance_type: str) -> Array:
     return jnp.concatenate([second, xc], axis=1)
 
 
-# Bits of a float32 (or narrower) result that the expansions about a common centre may lose
-# before the exact differences are used instead: the log-joint table, whose errors enter
-# log p(x) and the responsibilities directly, may lose 6 (a 64-fold larger rounding error
-# than its own magnitude); the second moments, whose errors move an M-step that is
-# stationary in them, may lose 12. The random 64-component, 32-dimensional benchmark data
-# lose about 3 and 9. float64 always expands (its 52 bits have room for any of this).
-_TABLE_BITS = 6
-_STATISTICS_BITS = 12
+# Bits of a result that the expansions about a common centre may lose before the exact
+# differences are used instead, by dtype: (table, statistics). The log-joint table, whose
+# errors enter log p(x) and the responsibilities directly, may lose fewer than the second
+# moments, whose errors move an M-step that is stationary in them. float32 (or narrower)
+# keeps 6 and 12 of its 24 bits: the random 64-component, 32-dimensional benchmark data lose
+# about 3 and 9. float64 keeps 16 and 24 of its 53: a table error of 2^16 eps (1e-11
+# relative) stays well below what one exact-EM step must gain near convergence, while a
+# sigma = 0.01 component 70 from the centre (about 25 bits) no longer passes; ordinary data
+# lose a handful of bits, so the model-only bound vouches and the exact path is never run.
+_FLOAT32_BITS = (6, 12)
+_FLOAT64_BITS = (16, 24)
 
 
-def _expansion_may_cancel(dtype: Any) -> bool:
-    """Whether expansions about a common centre need the accuracy guard (not float64)."""
-    return jnp.finfo(dtype).bits < 64
+def _bits_allowed(dtype: Any) -> tuple[int, int]:
+    """``(table, statistics)``: bits an expansion about the centre may lose in ``dtype``."""
+    return _FLOAT64_BITS if jnp.finfo(dtype).bits >= 64 else _FLOAT32_BITS
 
 
 def _unless_inaccurate(
@@ -129,6 +117,25 @@ def _unless_inaccurate(
         lambda: fast,
         lambda: jax.lax.cond(data_say_accurate(), lambda: fast, exact),
     )
+
+
+def _unless_far(
+    far: Float[Array, " K"], quad: Float[Array, "N K"], dim: int, bits: int, exact: Any
+) -> Float[Array, "N K"]:
+    r"""The expanded quadratic forms ``quad`` $Q_{nk}$, unless they may have lost too much.
+
+    $B_k$ = ``far`` bounds the size of component $k$'s terms (as $Q_{nk}$ grows they grow
+    with it), so an entry loses about $\log_2(B_k / (Q_{nk} + D))$ bits. Where
+    $B_k > 2^{\text{bits}}(\min_n Q_{nk} + D)$ for some $k$ in these rows, the result is
+    ``exact()`` (from the differences $x_n - \mu_k$). $B_k \le 2^{\text{bits}} D$ for every
+    $k$ vouches from the model alone, so ordinary data never reduce ``quad`` for the check.
+    """
+    allowance = 2.0**bits
+
+    def near_enough():
+        return jnp.all(far <= allowance * (jnp.min(quad, 0, initial=jnp.inf) + dim))
+
+    return _unless_inaccurate(jnp.all(far <= allowance * dim), near_enough, quad, exact)
 
 
 def _centre(model: "GaussianMixture") -> Float[Array, " D"]:
@@ -266,7 +273,7 @@ class GaussianMixture(AbstractMixture):
         _check_covariance_type(covariance_type)
         self.covariance_type = covariance_type
         self.reg_covar = _check_reg_covar(reg_covar)
-        dtype = _float_dtype(weights, means, covariances)
+        dtype = canonical_float_dtype(weights, means, covariances)
         weights = jnp.asarray(weights, dtype)
         means = jnp.asarray(means, dtype)
         covariances = jnp.asarray(covariances, dtype)
@@ -383,38 +390,35 @@ class GaussianMixture(AbstractMixture):
         \delta_k)\|^2$ from one $(N, D) \times (D, KD)$ matmul. ``sufficient_statistics`` uses
         the same features, so in a fit's pass XLA computes them once for both.
 
-        **float32.** The diagonal expansion rounds its terms, of size up to $4Q_{nk} + 6B_k$
-        with $B_k = \sum_d p_{kd}^2\delta_{kd}^2$, so a narrow component far from $c$ cancels
-        catastrophically. Where some $B_k > 2^{6}(\min_n Q_{nk} + D)$ in these rows (an
-        entry could lose more than 6 bits relative to its own size), the table is computed
+        **Accuracy.** The expansions round terms of size up to $4Q_{nk} + 6B_k$, with
+        $B_k = \sum_d p_{kd}^2\delta_{kd}^2$ (diag) or $(\sum_i \sqrt{P_{k,ii}}\,
+        |\delta_{ki}|)^2$ (full, which bounds $\sum_{ij}|P_{k,ij}\delta_{ki}\delta_{kj}|$), so
+        a narrow component far from $c$ cancels catastrophically. Where some
+        $B_k > 2^{b}(\min_n Q_{nk} + D)$ in these rows (an entry could lose more than $b$ bits
+        relative to its own size; $b = 6$ in float32, 16 in float64), the table is computed
         from the exact differences $x_n - \mu_k$ instead (a few times slower; under ``vmap``
-        over models both are computed).
+        over models both are computed). The full $(N, D) \times (D, KD)$ path loses only
+        about $\log_2\sqrt{B_k/Q_{nk}}$ bits (the differences are formed before squaring).
         """
+        x = self._evaluation_data(x)
         c = _centre(self)
         xc = x - c[None]
         delta = self.loc - c[None]
         k, d = self.num_components, self.dim
+        table_bits = _bits_allowed(x.dtype)[0]
         if self.covariance_type == "diag":
             p = self._precision_factor
             p2 = p**2
             weight = jnp.concatenate([p2, -2 * delta * p2], axis=1)  # (K, 2D)
             far = jnp.sum(delta**2 * p2, axis=-1)  # B_k
             quad = jnp.maximum(_features(xc, "diag") @ weight.T + far[None], 0.0)
-            if _expansion_may_cancel(x.dtype):
 
-                def near_enough():
-                    return jnp.all(
-                        far <= 2.0**_TABLE_BITS * (jnp.min(quad, 0, initial=jnp.inf) + d)
-                    )
+            def exact():
+                # (N, D, K): the reduction over D runs along contiguous K (faster on CPU)
+                y = (x[:, :, None] - self.loc.T[None]) * p.T[None]
+                return jnp.sum(y**2, axis=1)
 
-                def exact():
-                    # (N, D, K): the reduction over D runs along contiguous K (faster on CPU)
-                    y = (x[:, :, None] - self.loc.T[None]) * p.T[None]
-                    return jnp.sum(y**2, axis=1)
-
-                quad = _unless_inaccurate(
-                    jnp.all(far <= 2.0**_TABLE_BITS * d), near_enough, quad, exact
-                )
+            quad = _unless_far(far, quad, d, table_bits, exact)
         elif _use_quadratic_features(d, k, x.dtype):
             factor = self._precision_factor
             precision = jnp.einsum("kai,kaj->kij", factor, factor)  # A^T A
@@ -424,6 +428,16 @@ class GaussianMixture(AbstractMixture):
             weight = jnp.concatenate([upper[:, rows, cols], -2 * p_delta], axis=1)  # (K, T + D)
             quad = _features(xc, "full") @ weight.T + jnp.sum(p_delta * delta, axis=-1)[None]
             quad = jnp.maximum(quad, 0.0)
+            # (sum_i sqrt(P_ii) |delta_i|)^2 bounds sum_ij |P_ij delta_i delta_j|, the size of
+            # the constant term, and with it that of the terms linear in x (Cauchy-Schwarz).
+            root = jnp.sqrt(jnp.diagonal(precision, axis1=-2, axis2=-1))
+            far = jnp.sum(root * jnp.abs(delta), axis=-1) ** 2
+
+            def exact():
+                diff = x[:, None, :] - self.loc[None]  # (N, K, D)
+                return jnp.sum(jnp.einsum("kij,nkj->nki", factor, diff) ** 2, axis=-1)
+
+            quad = _unless_far(far, quad, d, table_bits, exact)
         else:
             factor = self._precision_factor
             stacked = jnp.transpose(factor, (2, 0, 1)).reshape(d, k * d)  # [j, (k, i)] = A_kij
@@ -452,8 +466,9 @@ class GaussianMixture(AbstractMixture):
         $\delta_k = a_k - c$: $s_k = \tilde s_k - n_k\delta_k$, $S_k = \tilde S_k -
         \tilde s_k\delta_k^\top - \delta_k\tilde s_k^\top + n_k\delta_k\delta_k^\top$. Full
         covariances in float32 (or with $D(D+1)/2 > KD$) use the differences $x_n - a_k$.
-        Diag in float32: where the move would lose more than 12 bits of $S_k$ (its terms
-        exceed $2^{12}(|S_k| + n_k\sigma_k^2)$), $S_k$ comes from the differences instead.
+        Where the move would lose more than 12 bits (float32; float64: 24) of $S_k$ (its terms,
+        per dimension, exceed $2^{12}(|S_{k,dd}| + n_k\Sigma_{k,dd})$), $S_k$ comes from the
+        differences instead.
         """
         q = q.resolve(self, x)
         dtype = self.loc.dtype
@@ -484,22 +499,15 @@ class GaussianMixture(AbstractMixture):
         if not full:
             second_c = sums[:, :d]
             second = second_c - 2 * delta * first_c + counts[:, None] * delta**2
-            if _expansion_may_cancel(dtype):
-                # The terms are at most 4 S_k + 6 n_k delta_k^2: the model alone can vouch.
-                far = 6 * delta**2 * self._precision_factor**2 + 4
+            variances = self.covariances
+            # Each entry's terms: second_c, 2 delta first_c and n delta^2.
+            size = lambda: second_c + 2 * jnp.abs(delta * first_c) + counts[:, None] * delta**2
+            scale = lambda: jnp.abs(second) + counts[:, None] * variances
 
-                def small_terms():
-                    size = second_c + 2 * jnp.abs(delta * first_c) + counts[:, None] * delta**2
-                    scale = jnp.abs(second) + counts[:, None] * self.covariances
-                    return jnp.all(size <= 2.0**_STATISTICS_BITS * scale)
+            def exact():
+                diff = x[:, :, None] - shift.T[None]  # (N, D, K), as in the table
+                return jnp.sum(resp[:, None, :] * diff**2, axis=0).T
 
-                def exact():
-                    diff = x[:, :, None] - shift.T[None]  # (N, D, K), as in the table
-                    return jnp.sum(resp[:, None, :] * diff**2, axis=0).T
-
-                second = _unless_inaccurate(
-                    jnp.all(far <= 2.0**_STATISTICS_BITS), small_terms, second, exact
-                )
         else:
             rows, cols = _triu_indices(d)
             upper = sums[:, :-d]
@@ -512,6 +520,33 @@ class GaussianMixture(AbstractMixture):
                 - jnp.swapaxes(cross, -1, -2)
                 + counts[:, None, None] * jnp.einsum("ki,kj->kij", delta, delta)
             )
+            # 1 / P_ii <= Sigma_ii: a smaller scale, so a stricter check, without inverting A.
+            variances = 1 / jnp.sum(self._precision_factor**2, axis=-2)
+            diag_c = jnp.diagonal(second_c, axis1=-2, axis2=-1)
+            # Entry (i, j)'s terms are at most t_i t_j, with t_i^2 the bound below on those of
+            # entry (i, i) (Cauchy-Schwarz), so checking the diagonal checks every entry
+            # against sqrt of the product of the diagonal scales.
+            size = lambda: (
+                (jnp.sqrt(jnp.maximum(diag_c, 0.0)) + jnp.sqrt(counts)[:, None] * jnp.abs(delta))
+                ** 2
+            )
+            scale = lambda: (
+                jnp.abs(jnp.diagonal(second, axis1=-2, axis2=-1)) + counts[:, None] * variances
+            )
+
+            def exact():
+                diff = x[:, None, :] - shift[None]
+                return jnp.einsum("nk,nki,nkj->kij", resp, diff, diff)
+
+        # The terms are at most 4 S_k + 6 n_k delta_k^2 (per dimension), so the model alone
+        # can vouch that they stay within 2^bits (S_k + n_k sigma_k^2).
+        allowance = 2.0 ** _bits_allowed(dtype)[1]
+        second = _unless_inaccurate(
+            jnp.all(6 * delta**2 / variances + 4 <= allowance),
+            lambda: jnp.all(size() <= allowance * scale()),
+            second,
+            exact,
+        )
         return GaussianMixtureStatistics(counts, shift, first, second)
 
     def complete_data_statistics(self, num_data: Any) -> GaussianMixtureStatistics:
@@ -613,13 +648,20 @@ class GaussianMixture(AbstractMixture):
     def _check_shape(self, x: Any) -> None:
         _check_data_shape(tuple(np.shape(x)), self.dim)
 
+    def _check_evaluation_data(self, x: Any) -> None:
+        self._check_shape(x)  # any N >= 1: evaluating needs no K data
+
     def _as_data(self, x: Any) -> Array:
         self._check_shape(x)
         return jnp.asarray(x, self.loc.dtype)
 
     def score(self, x: Float[Array, "N D"]) -> Scalar:
-        r"""Mean log-likelihood $\frac1N\sum_n\log p(x_n\mid\theta)$ (``ej.log_evidence``)."""
-        return log_evidence(self, self._as_data(x))
+        r"""Mean log-likelihood $\frac1N\sum_n\log p(x_n\mid\theta)$ (``ej.log_evidence``).
+
+        ``x`` is checked as ``fit`` checks it: NaN/Inf, a wrong rank or ``D`` raise a
+        ``ValueError`` naming ``x`` (inside a user's ``jit``, the shape only)."""
+        # log_joint_table checks x (with any N >= 1; ej.log_evidence would ask for N >= K).
+        return jnp.mean(self.log_marginal(x))
 
     def bic(self, x: Float[Array, "N D"]) -> Scalar:
         r"""Bayesian information criterion $-2\log p(x\mid\theta) + P\log N$ (lower is better)."""
@@ -675,12 +717,14 @@ class GaussianMixture(AbstractMixture):
         """
         _check_covariance_type(covariance_type)
         reg_covar = _check_reg_covar(reg_covar)
-        if not isinstance(num_components, int) or isinstance(num_components, bool):
+        if not is_integer(num_components):
             raise TypeError(f"num_components must be an int, got {num_components!r}")
+        num_components = int(num_components)
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
-        if not isinstance(num_kmeans_iters, int) or num_kmeans_iters < 0:
+        if not is_integer(num_kmeans_iters) or num_kmeans_iters < 0:
             raise ValueError(f"num_kmeans_iters must be an int >= 0, got {num_kmeans_iters!r}")
+        num_kmeans_iters = int(num_kmeans_iters)
         shape = tuple(np.shape(x))
         if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
             raise ValueError(f"x has shape {shape}, expected (N, D) with N >= 1 and D >= 1")
@@ -688,7 +732,7 @@ class GaussianMixture(AbstractMixture):
             raise ValueError(
                 f"num_components={num_components} is larger than the number of data N={shape[0]}"
             )
-        x = jnp.asarray(x, _float_dtype(x))
+        x = jnp.asarray(x, canonical_float_dtype(x))
         if not bool(jnp.all(jnp.isfinite(x))):
             raise ValueError("x contains NaN or Inf")
         weights, means, covs = _kmeans_start(
@@ -901,12 +945,13 @@ class GaussianMixturePrior(eqx.Module):
         scale: Any = None,
     ):
         if mean is not None:
-            mean = jnp.asarray(mean, _float_dtype(mean))
+            mean = jnp.asarray(mean, canonical_float_dtype(mean))
             if mean.ndim != 1 or (dim is not None and mean.shape[0] != dim):
                 raise ValueError(f"mean has shape {mean.shape}, expected (D,) with D={dim}")
             dim = mean.shape[0]
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        if not is_integer(dim) or dim < 1:
             raise ValueError(f"dim must be a positive int (or give mean), got {dim!r}")
+        dim = int(dim)
         dtype = mean.dtype if mean is not None else jnp.zeros(()).dtype
         self.mean = jnp.zeros((dim,), dtype) if mean is None else mean
         self.concentration = jnp.asarray(concentration, dtype)
@@ -944,7 +989,7 @@ class GaussianMixturePrior(eqx.Module):
     def from_data(cls, x: Float[Array, "N D"], **kwargs: Any) -> "GaussianMixturePrior":
         """Defaults as scikit-learn's ``BayesianGaussianMixture``: $m_0$ the data mean,
         $\\Psi_0$ the data covariance, $\\nu_0 = D$, $\\kappa_0 = 1$; ``kwargs`` override."""
-        x = jnp.asarray(x, _float_dtype(x))
+        x = jnp.asarray(x, canonical_float_dtype(x))
         if x.ndim != 2:
             raise ValueError(f"x has shape {x.shape}, expected (N, D)")
         centred = x - jnp.mean(x, axis=0)[None]
