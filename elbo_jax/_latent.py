@@ -1,10 +1,27 @@
 """Latent spaces: what kind of value z is. They carry no parameters."""
 
 import math
+import numbers
+from typing import Any
 
 import equinox as eqx
 import jax
 import numpy as np
+
+
+def _is_integer(value: Any) -> bool:
+    """A Python or NumPy integer (``np.int64(3)`` too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _to_int(value: Any) -> Any:
+    """A (NumPy) integer as a Python ``int`` (static, hashable); anything else unchanged,
+    for the check to reject."""
+    return int(value) if _is_integer(value) else value
+
+
+def _to_shape(value: Any) -> tuple:
+    return (_to_int(value),) if _is_integer(value) else tuple(_to_int(s) for s in value)
 
 
 class AbstractLatent(eqx.Module):
@@ -25,7 +42,7 @@ class Discrete(AbstractLatent):
     ```
     """
 
-    num_states: int = eqx.field(static=True)
+    num_states: int = eqx.field(static=True, converter=_to_int)
 
     @property
     def dtype(self):
@@ -33,7 +50,7 @@ class Discrete(AbstractLatent):
         return jax.dtypes.canonicalize_dtype(np.int64)
 
     def __check_init__(self):
-        if not isinstance(self.num_states, int) or isinstance(self.num_states, bool):
+        if not _is_integer(self.num_states):
             raise TypeError(f"Discrete(num_states) needs an int, got {self.num_states!r}")
         if self.num_states < 1:
             raise ValueError(f"Discrete(num_states) needs num_states >= 1, got {self.num_states}")
@@ -46,12 +63,10 @@ class Real(AbstractLatent):
     model's own ``posterior`` hook for an exact E-step.
     """
 
-    shape: tuple[int, ...] = eqx.field(
-        static=True, converter=lambda s: (s,) if isinstance(s, int) else tuple(s)
-    )
+    shape: tuple[int, ...] = eqx.field(static=True, converter=_to_shape)
 
     def __check_init__(self):
-        if any((not isinstance(s, int)) or s < 1 for s in self.shape):
+        if any(not _is_integer(s) or s < 1 for s in self.shape):
             raise ValueError(f"Real(shape) needs positive integer sizes, got {self.shape!r}")
 
     @property
