@@ -18,6 +18,7 @@ import jax.random as jr
 from ._custom_types import Array, Data, Key, LogTable, PerDatum
 from ._latent import AbstractLatent, Discrete, Real
 from ._model import Model
+from ._validate import is_integer, to_python_number
 
 
 def num_data(x: Data) -> int:
@@ -301,7 +302,7 @@ class Gaussian(AbstractQ):
     raw_scale: Array | None = None
     covariance_type: Literal["full", "diag"] = eqx.field(static=True, default="full")
     expectation: Literal["cubature", "monte_carlo"] = eqx.field(static=True, default="cubature")
-    num_samples: int = eqx.field(static=True, default=1)
+    num_samples: int = eqx.field(static=True, default=1, converter=to_python_number)
 
     def __check_init__(self):
         if self.covariance_type not in ("full", "diag"):
@@ -312,7 +313,7 @@ class Gaussian(AbstractQ):
             raise ValueError(
                 f"expectation must be 'cubature' or 'monte_carlo', got {self.expectation!r}"
             )
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+        if not is_integer(self.num_samples) or self.num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
 
     @classmethod

@@ -1,7 +1,10 @@
 """Trace-time checks of user input, with messages that name the argument and the problem."""
 
+import math
+import numbers
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +18,52 @@ def _all_finite(arr: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(arr))
 
 
+def is_integer(value: Any) -> bool:
+    """A Python or NumPy integer (``np.int64(3)`` too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value: Any) -> bool:
+    """A Python or NumPy real number (``np.float32(1e-5)``, ``np.int64(2)`` too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def to_python_number(value: Any) -> Any:
+    """``value`` as a Python ``int`` or ``float`` if it is a (NumPy) number, else unchanged.
+
+    For static fields and hyperparameters: a NumPy scalar hashes like the Python number but
+    would carry its dtype into the maths (``np.float64`` with x64 off warns); anything else
+    is left for the caller's check to reject with its own message.
+    """
+    if is_integer(value):
+        return int(value)
+    if is_number(value):
+        return float(value)
+    return value
+
+
+def check_number(name: str, value: Any, *, low: float, low_inclusive: bool = True) -> float:
+    """``value`` as a finite Python float, at least (or above) ``low``.
+
+    Raises ``ValueError`` naming ``name`` otherwise (bools and non-numbers included).
+    """
+    ok = is_number(value) and math.isfinite(value)
+    if not ok or not (value >= low if low_inclusive else value > low):
+        want = f">= {low:g}" if low_inclusive else f"> {low:g}"
+        raise ValueError(f"{name} must be a finite number {want}, got {value!r}")
+    return float(value)
+
+
+def canonical_float_dtype(*arrays: Any) -> Any:
+    """The floating dtype ``arrays`` agree on (NumPy promotion of their float dtypes; lists and
+    scalars count by ``np.asarray``), as JAX will store it: float64 becomes float32 with x64
+    off, so ``jnp.asarray(a, dtype)`` never asks for an unavailable dtype (which warns)."""
+    kinds = [np.dtype(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype) for a in arrays]
+    floats = [k for k in kinds if k.kind == "f"]
+    dtype = np.result_type(*floats) if floats else np.dtype(float)
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
 def check_model(model: Any) -> Model:
     if not isinstance(model, Model):
         raise TypeError(
@@ -23,11 +72,24 @@ def check_model(model: Any) -> Model:
     return model
 
 
-def prepare_data(model: Model, x: Any) -> Any:
+def check_has_parameters(model: Model) -> None:
+    """Raise ``TypeError`` if ``model`` has no floating-point array field: fitting moves
+    exactly those (the numerical M-step would otherwise fail deep inside optax)."""
+    if not any(eqx.is_inexact_array(leaf) for leaf in jax.tree_util.tree_leaves(model)):
+        raise TypeError(
+            f"model ({type(model).__name__}) has no floating-point array fields: fit moves a "
+            "model's floating-point arrays (its parameters), and there are none to fit"
+        )
+
+
+def prepare_data(model: Model, x: Any, check: Any = None) -> Any:
     """Convert ``x`` to JAX arrays, cast floating data to the model's dtype, and check it.
 
     Raises ``TypeError`` for non-numeric data and ``ValueError`` for data without a
-    leading data axis, with no data, with NaN/Inf entries, or that the model rejects.
+    leading data axis, with no data, with NaN/Inf entries, or that the model rejects
+    (``check(x)``, default ``model.check_data``; evaluation functions pass a check of the
+    shape alone). Tracers (``x`` inside a user's ``jit``) get the shape checks only; a JAX
+    array is checked for NaN/Inf on its own device by one compiled reduction per shape.
     """
     leaves, treedef = jax.tree_util.tree_flatten(x)
     if not leaves:
@@ -67,7 +129,7 @@ def prepare_data(model: Model, x: Any) -> Any:
             f"x has leaves with different numbers of data along the leading axis: {sorted(n)}"
         )
     x = jax.tree_util.tree_unflatten(treedef, out)
-    model.check_data(x)
+    (model.check_data if check is None else check)(x)
     return x
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from .._custom_types import Array, Data, Float, Int, Key, LogTable, Scalar, Stats
 from .._q import AbstractQ
+from .._validate import is_number, to_python_number
 from ._emissions import (
     bernoulli_log_density,
     bernoulli_maximize,
@@ -47,12 +48,7 @@ DEFAULT_MIN_PROB = 1e-6
 
 # --------------------------------------------------------------------------- helpers
 def _check_min_prob(value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not 0 < value < 0.5
-    ):
+    if not is_number(value) or not math.isfinite(value) or not 0 < value < 0.5:
         raise ValueError(f"min_prob must be a number in (0, 0.5), got {value!r}")
     return float(value)
 
@@ -88,19 +84,15 @@ class BernoulliMixturePrior(eqx.Module):
     ```
     """
 
-    concentration: float = eqx.field(static=True, default=1.0)
-    a: float = eqx.field(static=True, default=2.0)
-    b: float = eqx.field(static=True, default=2.0)
+    # NumPy scalars become Python floats: static fields, and no NumPy dtype in the maths.
+    concentration: float = eqx.field(static=True, default=1.0, converter=to_python_number)
+    a: float = eqx.field(static=True, default=2.0, converter=to_python_number)
+    b: float = eqx.field(static=True, default=2.0, converter=to_python_number)
 
     def __check_init__(self):
         for name in ("concentration", "a", "b"):
             value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 1
-            ):
+            if not is_number(value) or not math.isfinite(value) or value < 1:
                 raise ValueError(
                     f"{name} must be a finite number >= 1 (so the MAP mode exists), got {value!r}"
                 )
@@ -209,8 +201,10 @@ class BernoulliMixture(AbstractMixture):
         )
 
     def log_joint_table(self, x: Data) -> LogTable:
-        r"""$T_{nk} = \log p(x_n, z{=}k)$, shape ``(N, K)``, by one matmul (see the class docs)."""
-        x = self._as_data(x)
+        r"""$T_{nk} = \log p(x_n, z{=}k)$, shape ``(N, K)``, by one matmul (see the class docs).
+
+        ``x`` is checked as ``fit`` checks it (``ValueError`` naming ``x``)."""
+        x = self._evaluation_data(x)
         return bernoulli_log_density(x, self.logits) + self.log_weights[None, :]
 
     def check_data(self, x: Data) -> None:

@@ -24,6 +24,7 @@ from .._latent import Real
 from .._model import Model
 from .._q import AbstractQ, Gaussian
 from .._statistics import AbstractStatistics
+from .._validate import canonical_float_dtype, is_integer, is_number, prepare_data
 
 DEFAULT_MIN_NOISE_VARIANCE = 1e-6
 """Default floor on the noise variances set by the closed-form M-step (``reg_covar``-style)."""
@@ -35,19 +36,12 @@ def _is_concrete(a: Any) -> bool:
 
 
 def _float_dtype(a: Array) -> Any:
-    """``a``'s dtype if floating, else the default float dtype."""
-    if jnp.issubdtype(a.dtype, jnp.floating):
-        return a.dtype
-    return jnp.result_type(float)
+    """``a``'s dtype if floating, else the default float dtype (as JAX stores either)."""
+    return canonical_float_dtype(a)
 
 
 def _check_min_noise_variance(value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_number(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"min_noise_variance must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -107,11 +101,7 @@ def _prepare_x(x: Any) -> Array:
 
 def _check_latent_dim(latent_dim: Any, x: Array) -> int:
     n, d = x.shape
-    if (
-        isinstance(latent_dim, bool)
-        or not isinstance(latent_dim, (int, np.integer))
-        or latent_dim < 1
-    ):
+    if not is_integer(latent_dim) or latent_dim < 1:
         raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
     latent_dim = int(latent_dim)
     if latent_dim >= d:
@@ -276,8 +266,9 @@ class _AbstractLinearGaussian(Model):
         return log_prior + log_lik
 
     def _data(self, x: Data) -> Array:
-        self.check_data(x)
-        return jnp.asarray(x, self.dtype)
+        """``x`` checked as ``fit`` checks it (``ValueError`` naming ``x`` for NaN/Inf, a wrong
+        rank or ``D``, no data; inside a user's ``jit`` the shape only), in the model's dtype."""
+        return jnp.asarray(prepare_data(self, x), self.dtype)
 
     def _posterior_parts(self, x: Array) -> tuple[Array, Array, Array]:
         r"""Posterior means ``(N, L)``, $\mathrm{chol}(M)$ and residuals $x - \mu$, with
@@ -526,6 +517,7 @@ class PPCA(_AbstractLinearGaussian):
     ) -> "PPCA":
         r"""A starting point for EM: $\mu$ = data mean, $W$ small and random, $\sigma^2$ =
         the mean data variance. ``latent_dim`` must be in ``[1, D)`` and at most ``N``."""
+        min_noise_variance = _check_min_noise_variance(min_noise_variance)  # a Python float
         x, weight, mean, var, _ = _initial_parts(key, x, latent_dim)
         return cls(
             weight,
@@ -550,6 +542,7 @@ class PPCA(_AbstractLinearGaussian):
         ej.log_evidence(best, x)              # the largest achievable per datum
         ```
         """
+        min_noise_variance = _check_min_noise_variance(min_noise_variance)  # a Python float
         x = _prepare_x(x)
         latent_dim = _check_latent_dim(latent_dim, x)
         mean = jnp.mean(x, axis=0)
@@ -625,6 +618,7 @@ class FactorAnalysis(_AbstractLinearGaussian):
     ) -> "FactorAnalysis":
         r"""A starting point for EM: $\mu$ = data mean, $W$ small and random, $\Psi$ = the
         per-dimension data variances. ``latent_dim`` must be in ``[1, D)`` and at most ``N``."""
+        min_noise_variance = _check_min_noise_variance(min_noise_variance)  # a Python float
         x, weight, mean, var, _ = _initial_parts(key, x, latent_dim)
         var = jnp.maximum(var, min_noise_variance)
         return cls(weight, mean, var, min_noise_variance=min_noise_variance)

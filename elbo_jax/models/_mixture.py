@@ -19,6 +19,7 @@ from .._custom_types import Array, Data, Float, Int, Scalar
 from .._latent import Discrete
 from .._model import Model
 from .._q import AbstractQ
+from .._validate import canonical_float_dtype, is_integer, prepare_data
 
 
 # --------------------------------------------------------------------------- helpers
@@ -28,11 +29,9 @@ def _is_concrete(*arrays: Any) -> bool:
 
 
 def _float_dtype(*arrays: Array) -> Any:
-    """The promoted floating dtype of ``arrays`` (the default float if none is floating)."""
-    floats = [a.dtype for a in arrays if jnp.issubdtype(a.dtype, jnp.floating)]
-    if not floats:
-        return jnp.result_type(float)
-    return jax.dtypes.canonicalize_dtype(np.result_type(*floats))
+    """The promoted floating dtype of ``arrays`` (the default float if none is floating),
+    as JAX stores it (float32 for float64 input with x64 off)."""
+    return canonical_float_dtype(*arrays)
 
 
 def _check_weights(weights: Array) -> None:
@@ -50,7 +49,7 @@ def _check_weights(weights: Array) -> None:
 
 def _check_num_components(num_components: Any, n: int) -> int:
     k = num_components
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not is_integer(k) or k < 1:
         raise ValueError(f"num_components must be a positive int, got {k!r}")
     if k > n:
         raise ValueError(f"num_components={k} is larger than the number of data N={n}")
@@ -155,6 +154,16 @@ class AbstractMixture(Model):
     def _as_data(self, x: Data) -> Array:
         """``x`` as an array of the model's dtype, ready for ``log_joint_table``."""
 
+    def _check_evaluation_data(self, x: Data) -> None:
+        """What the evaluation functions require of ``x`` (default: what ``fit`` does)."""
+        self.check_data(x)
+
+    def _evaluation_data(self, x: Data) -> Array:
+        """``x`` checked as ``fit`` checks it (``ValueError`` naming ``x`` for NaN/Inf, a wrong
+        rank or ``D``, no data, entries the model rejects), in the model's dtype. Inside a
+        user's ``jit`` only the shapes are checked."""
+        return self._as_data(prepare_data(self, x, self._check_evaluation_data))
+
     @property
     def latent(self) -> Discrete:
         """``ej.Discrete(K)``."""
@@ -176,9 +185,12 @@ class AbstractMixture(Model):
         return jax.nn.log_softmax(self.weight_logits)
 
     def predict_proba(self, x: Data) -> Float[Array, "N K"]:
-        r"""Responsibilities $p(z{=}k \mid x_n, \theta)$, shape ``(N, K)``."""
-        return jax.nn.softmax(self.log_joint_table(self._as_data(x)), axis=-1)
+        r"""Responsibilities $p(z{=}k \mid x_n, \theta)$, shape ``(N, K)``.
+
+        ``x`` is checked as ``fit`` checks it (``log_joint_table`` does): NaN/Inf, a wrong
+        shape or entries the model rejects raise a ``ValueError`` naming ``x``."""
+        return jax.nn.softmax(self.log_joint_table(x), axis=-1)
 
     def predict(self, x: Data) -> Int[Array, " N"]:
         r"""The most probable component $\arg\max_k p(z{=}k \mid x_n)$, shape ``(N,)``."""
-        return jnp.argmax(self.log_joint_table(self._as_data(x)), axis=-1)
+        return jnp.argmax(self.log_joint_table(x), axis=-1)

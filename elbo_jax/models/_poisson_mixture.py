@@ -21,6 +21,7 @@ import numpy as np
 
 from .._custom_types import Array, Data, Float, Int, Key, LogTable, Scalar, Stats
 from .._q import AbstractQ
+from .._validate import is_number, to_python_number
 from ._emissions import (
     complete_data_count_statistics,
     count_statistics,
@@ -46,7 +47,7 @@ DEFAULT_MIN_RATE = 1e-6
 
 # --------------------------------------------------------------------------- helpers
 def _check_positive_number(name: str, value: Any, *, at_least_one: bool = False) -> float:
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    bad = not is_number(value) or not math.isfinite(value)
     if bad or (value < 1 if at_least_one else value <= 0):
         want = ">= 1 (so the MAP mode exists)" if at_least_one else "> 0"
         raise ValueError(f"{name} must be a finite number {want}, got {value!r}")
@@ -84,9 +85,10 @@ class PoissonMixturePrior(eqx.Module):
     ```
     """
 
-    concentration: float = eqx.field(static=True, default=1.0)
-    shape: float = eqx.field(static=True, default=1.0)
-    rate: float = eqx.field(static=True, default=1.0)
+    # NumPy scalars become Python floats: static fields, and no NumPy dtype in the maths.
+    concentration: float = eqx.field(static=True, default=1.0, converter=to_python_number)
+    shape: float = eqx.field(static=True, default=1.0, converter=to_python_number)
+    rate: float = eqx.field(static=True, default=1.0, converter=to_python_number)
 
     def __check_init__(self):
         _check_positive_number("concentration", self.concentration, at_least_one=True)
@@ -197,8 +199,10 @@ class PoissonMixture(AbstractMixture):
         return log_w + jnp.sum(x * log_rates - jnp.exp(log_rates) - jss.gammaln(x + 1))
 
     def log_joint_table(self, x: Data) -> LogTable:
-        r"""$T_{nk} = \log p(x_n, z{=}k)$, shape ``(N, K)``, by one matmul (see the class docs)."""
-        x = self._as_data(x)
+        r"""$T_{nk} = \log p(x_n, z{=}k)$, shape ``(N, K)``, by one matmul (see the class docs).
+
+        ``x`` is checked as ``fit`` checks it (``ValueError`` naming ``x``)."""
+        x = self._evaluation_data(x)
         return poisson_log_density(x, self.log_rates) + self.log_weights[None, :]
 
     def check_data(self, x: Data) -> None:
