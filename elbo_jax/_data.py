@@ -211,6 +211,8 @@ def map_over_data(fn: Callable, data: Dataset, *per_datum: PyTree) -> PyTree:
     size, n = data.chunk_size, data.num_rows
     if size >= n:
         return fn(values)
-    chunked = jax.tree_util.tree_map(lambda leaf: leaf.reshape(n // size, size, *leaf.shape[1:]), values)
+    chunked = jax.tree_util.tree_map(
+        lambda leaf: leaf.reshape(n // size, size, *leaf.shape[1:]), values
+    )
     out = jax.lax.map(fn, chunked)
     return jax.tree_util.tree_map(lambda leaf: leaf.reshape(n, *leaf.shape[2:]), out)

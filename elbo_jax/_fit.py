@@ -31,7 +31,7 @@ from ._steps import (
     _OptaxStep,
 )
 from ._traced import Traced
-from ._validate import check_log_joint, check_model, prepare_data
+from ._validate import check_has_parameters, check_log_joint, check_model, prepare_data
 
 
 class FitResult(eqx.Module):
@@ -376,6 +376,7 @@ def fit(
     model, key = _initial_models(model, restarts, key)
     first = model if restarts is None else jax.tree_util.tree_map(lambda a: a[0], model)
     first = check_model(first)
+    check_has_parameters(first)
     max_iters = _check_count("max_iters", max_iters)
     tol = _check_tol(tol)
     if prior is not None and not callable(prior):

@@ -106,6 +106,13 @@ class Model(eqx.Module):
             "hook, so log p(x | θ) is not available; free_energy gives an upper bound on -log p(x)."
         )
 
+    def m_step_penalty(self) -> Scalar:
+        r"""$P(\theta) \ge 0$ (per datum) such that the closed-form M-step is exact EM on
+        $F + P$ rather than on $F$ — a floor such as ``reg_covar`` makes it so. Then one
+        iteration may raise $F$ by up to $P(\theta_t) - P(\theta_{t+1})$, and ``fit`` counts
+        only rises beyond that (and rounding). Default 0: the M-step is exact on $F$."""
+        return jnp.zeros((), float_dtype(self))
+
     def has_closed_form(self, prior: Any) -> bool:
         """Whether ``maximize`` gives the exact M-step for this prior (``None``: maximum likelihood)."""
         del prior

@@ -105,7 +105,8 @@ def test_restarts_equal_sequential_fits_and_compile_once():
     best = singles[int(np.argmax(elbos))]
     assert res.num_iters == best.num_iters and res.status == best.status
     np.testing.assert_allclose(res.history, best.history, rtol=1e-12)
-    for got, want in zip(jax.tree_util.tree_leaves(res.model), jax.tree_util.tree_leaves(best.model)):
+    leaves = jax.tree_util.tree_leaves
+    for got, want in zip(leaves(res.model), leaves(best.model), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(res.q.probs, best.q.probs, rtol=1e-10, atol=1e-14)
 
@@ -177,6 +178,46 @@ def test_huge_max_iters_costs_no_memory_when_the_fit_converges():
     assert res.converged and res.history.shape == (res.num_iters,)
 
 
+# --------------------------------------------------------------------- float32 and rounding
+def _random_problem(i, dtype):
+    """A random 3-component, 2-D Gaussian mixture problem (N=300: one compiled fit for all);
+    every fifth has a quarter of its points at one place, so a component may collapse."""
+    rng = np.random.default_rng(i)
+    means = rng.normal(0, 3, (3, 2)) + rng.normal(0, 20)
+    z = rng.integers(0, 3, 300)
+    x = means[z] + rng.normal(size=(300, 2)) * rng.uniform(0.05, 2, (3, 2))[z]
+    if i % 5 == 0:
+        x[:75] = x[0]
+    start = ej.models.GaussianMixture.initialize(
+        jr.key(i), x.astype(dtype), 3, ["full", "diag"][i % 2]
+    )
+    return start, x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_em_on_random_problems_never_counts_an_increase(dtype):
+    # 200 random problems: exact EM must never raise F beyond rounding — in float32 a real
+    # rise would be counted, and in float64 nothing may be flagged by mistake.
+    flagged = []
+    for i in range(200):
+        start, x = _random_problem(i, dtype)
+        res = ej.fit(start, x, max_iters=100)
+        if res.num_increases:
+            flagged.append((i, res.num_increases, res.status.name))
+    assert not flagged, flagged
+
+
+def test_fit_refuses_a_model_without_parameters():
+    class Fixed(ej.Model):
+        latent = ej.Discrete(2)
+
+        def log_joint(self, x, z):
+            return -0.5 * (x - z) ** 2
+
+    with pytest.raises(TypeError, match="no floating-point array fields"):
+        ej.fit(Fixed(), X)
+
+
 # --------------------------------------------------------------------- sharded EM
 _SHARDED = textwrap.dedent(
     """
@@ -226,9 +267,9 @@ _SHARDED = textwrap.dedent(
 def test_sharded_em_equals_unsharded_em():
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(tests), env.get("PYTHONPATH", "")]
-    ).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(tests), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     proc = subprocess.run(
         [sys.executable, "-c", _SHARDED.format(tests=tests)],
         env=env,

@@ -188,7 +188,9 @@ def test_gmm_table_and_statistics_on_every_branch(covariance_type, k, d, dtype, 
     for key, value in expected.items():
         assert getattr(stats, key).dtype == dtype
         scale = np.max(np.abs(value))
-        np.testing.assert_allclose(getattr(stats, key), value, rtol=rtol, atol=rtol * scale, err_msg=key)
+        np.testing.assert_allclose(
+            getattr(stats, key), value, rtol=rtol, atol=rtol * scale, err_msg=key
+        )
 
 
 def test_kmeans_start_covariances_are_cluster_scatters():
