@@ -46,6 +46,9 @@ class FitResult(eqx.Module):
       beyond rounding (should be 0; anything else is reported with a warning).
     - ``restart_elbos``: with ``restarts=R``, the final ELBO of every restart ``(R,)``
       (the result is the best of them); ``None`` otherwise.
+    - ``state``: the solver's loop state (model, q or statistics, optimizer states, key):
+      ``ej.fit(result, x, ...)`` with the same options resumes from it, exactly as if the
+      fit had not stopped.
     """
 
     model: Model
@@ -56,6 +59,7 @@ class FitResult(eqx.Module):
     status: Status = eqx.field(static=True)
     num_increases: int = eqx.field(static=True)
     restart_elbos: Array | None = None
+    state: Any = None
 
     @property
     def converged(self) -> bool:
@@ -343,7 +347,9 @@ def fit(
     **Arguments:**
 
     - `model`: the initial ``ej.Model``, or an initializer ``key -> model`` (for example
-      ``lambda k: GaussianMixture.initialize(k, x, 8)``; it then needs ``key``).
+      ``lambda k: GaussianMixture.initialize(k, x, 8)``; it then needs ``key``), or a
+      ``FitResult`` to resume: ``max_iters`` more iterations from its state, with the same
+      data and options, identical to a fit that had not stopped.
     - `x`: data, leading axis of length $N$. Floating data are cast to the model's dtype.
     - `q`: recognition family (default ``ej.ExactPosterior()``).
     - `e_step`, `m_step`: ``"exact"`` or a gradient step.
@@ -371,6 +377,13 @@ def fit(
     res.model.means, res.history[-1]
     ```
     """
+    previous = None
+    if isinstance(model, FitResult):  # resume
+        previous, model = model, model.model
+        if previous.state is None:
+            raise ValueError("this FitResult holds no solver state to resume from")
+        if restarts is not None or progress:
+            raise ValueError("resuming continues one fit: no restarts, no progress bar")
     if restarts is not None:
         restarts = _check_count("restarts", restarts)
     model, key = _initial_models(model, restarts, key)
@@ -438,24 +451,27 @@ def fit(
         solver = eqx.tree_at(lambda s: s.prior, solver, _compiled_prior(prior, first))
 
     tol_arr = np.asarray(tol, dtype)
-    iters = np.asarray(max_iters, np.int32)
-    if progress:
+    elbos = None
+    if previous is not None:
+        loop = _resumable(previous, solver, model, q, data, key)
+        total = previous.num_iters + max_iters
+        loop, pieces = _continue(solver, loop, data, tol_arr, total, mesh)
+        history = [np.asarray(previous.history), *pieces]
+        fitted, result_q = _call(_result, mesh, solver, loop, data)
+    elif progress:
         if restarts is not None:
             raise ValueError("progress=True shows one fit; it cannot be combined with restarts")
-        loop, history = _fit_with_progress(solver, model, q, data, key, tol_arr, iters, mesh)
+        loop, history = _fit_with_progress(solver, model, q, data, key, tol_arr, max_iters, mesh)
         fitted, result_q = _call(_result, mesh, solver, loop, data)
-        elbos = None
     else:
+        iters = np.asarray(max_iters, np.int32)
         loop, elbos, (fitted, result_q) = _call(
             _first_segment, mesh, solver, model, q, data, key, tol_arr, iters, restarts
         )
-        history = [np.asarray(loop.history)]
-        while int(loop.status) == Status.RUNNING:  # more than HISTORY_SIZE iterations
-            done = int(loop.iteration)
-            stop_at = np.asarray(min(done + HISTORY_SIZE, max_iters), np.int32)
-            loop = _call(_more, mesh, solver, loop, data, tol_arr, iters, stop_at)
-            history.append(np.asarray(loop.history))
-        if len(history) > 1:
+        history = [np.asarray(loop.history)[: int(loop.iteration)]]
+        if int(loop.status) == Status.RUNNING:  # more than HISTORY_SIZE iterations
+            loop, pieces = _continue(solver, loop, data, tol_arr, max_iters, mesh)
+            history += pieces
             fitted, result_q = _call(_result, mesh, solver, loop, data)
     _check_initial(float(loop.initial_objective))
 
@@ -478,20 +494,55 @@ def fit(
     return FitResult(
         model=fitted,
         q=_trim_rows(result_q, n, mesh),
-        history=jnp.asarray(_join_history(history, num_iters)),
+        history=jnp.asarray(np.concatenate(history)),
         initial_elbo=jnp.asarray(-np.asarray(loop.initial_objective)),  # no compiled negation
         num_iters=num_iters,
         status=status,
         num_increases=num_increases,
         restart_elbos=None if elbos is None else jnp.asarray(elbos),
+        state=loop,
     )
 
 
-def _join_history(segments: list, num_iters: int) -> np.ndarray:
-    """The ELBO of every iteration from the history buffers of the segments (each holds
-    iterations ``s * HISTORY_SIZE`` onwards at slot ``i % HISTORY_SIZE``)."""
-    out = np.concatenate(segments) if len(segments) > 1 else segments[0]
-    return out[:num_iters]
+def _continue(
+    solver, loop, data, tol, max_iters: int, mesh, until: int | None = None
+) -> tuple[LoopState, list]:
+    """Run the loop on from ``loop.iteration`` until it stops (or pauses at ``until``), in
+    segments that end at multiples of ``HISTORY_SIZE``, and the ELBO of each iteration run,
+    copied out of the history buffer after each segment."""
+    pieces = []
+    limit = np.asarray(max_iters, np.int32)
+    until = max_iters if until is None else until
+    while int(loop.status) == Status.RUNNING:
+        done = int(loop.iteration)
+        if done >= until:
+            break
+        stop_at = np.asarray(min((done // HISTORY_SIZE + 1) * HISTORY_SIZE, until), np.int32)
+        loop = _call(_more, mesh, solver, loop, data, tol, limit, stop_at)
+        now = int(loop.iteration)
+        start = done % HISTORY_SIZE
+        pieces.append(np.asarray(loop.history)[start : start + now - done])
+        if now == done:
+            break
+    return loop, pieces
+
+
+def _resumable(previous: "FitResult", solver, model, q, data, key) -> LoopState:
+    """The loop state of ``previous``, checked against what this call would start from (the
+    same solver and the same padded data shapes), and set running again."""
+    from ._solvers._base import init as start
+
+    shapes = eqx.filter_eval_shape(start, solver, model, q, data, key)
+    have = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), previous.state)
+    want = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes)
+    if jax.tree_util.tree_structure(have) != jax.tree_util.tree_structure(want) or (
+        jax.tree_util.tree_leaves(have) != jax.tree_util.tree_leaves(want)
+    ):
+        raise ValueError(
+            "cannot resume: this fit's options or data (its size, after padding) differ from "
+            "those of the FitResult passed as `model`; pass the same q, steps and data"
+        )
+    return eqx.tree_at(lambda s: s.status, previous.state, jnp.asarray(Status.RUNNING, jnp.int32))
 
 
 def _compiled_prior(prior: Callable, model: Model) -> Callable:
@@ -543,31 +594,25 @@ def _statistics_plan(
     return model.has_closed_form(prior), affine_split(model, x)
 
 
-def _fit_with_progress(solver, model, q, data, key, tol, max_iters, mesh):
+def _fit_with_progress(solver, model, q, data, key, tol, max_iters: int, mesh):
     """The same loop in ~100 compiled segments, with a tqdm bar updated between them."""
     from tqdm.auto import tqdm
 
-    total = int(max_iters)
-    chunk = max(1, min(math.ceil(total / 100), HISTORY_SIZE))
+    chunk = max(1, min(math.ceil(max_iters / 100), HISTORY_SIZE))
     zero = np.asarray(0, np.int32)
     # The start (no iteration yet: max_iters=0 stops the loop before its first iteration).
     loop, _, _ = _call(_first_segment, mesh, solver, model, q, data, key, tol, zero, None)
     history = []
-    with tqdm(total=total, desc="elbo_jax.fit", unit="it") as bar:
-        done = 0
+    with tqdm(total=max_iters, desc="elbo_jax.fit", unit="it") as bar:
         while int(loop.status) == Status.RUNNING:
-            boundary = (done // HISTORY_SIZE + 1) * HISTORY_SIZE
-            stop_at = np.asarray(min(done + chunk, total, boundary), np.int32)
-            loop = _call(_more, mesh, solver, loop, data, tol, max_iters, stop_at)
+            done = int(loop.iteration)
+            loop, pieces = _continue(
+                solver, loop, data, tol, max_iters, mesh, until=min(done + chunk, max_iters)
+            )
+            history += pieces
             now = int(loop.iteration)
             bar.update(now - done)
             bar.set_postfix(elbo=f"{-float(loop.objective):.6g}")
-            stopped = int(loop.status) != Status.RUNNING or now == done
-            if stopped or now == boundary:
-                history.append(np.asarray(loop.history))
-            if stopped:
+            if now == done or now >= max_iters:
                 break
-            done = now
-    if not history:
-        history.append(np.asarray(loop.history))
     return loop, history

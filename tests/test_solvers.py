@@ -173,6 +173,41 @@ def test_a_fit_longer_than_the_history_buffer_keeps_every_iteration():
     np.testing.assert_allclose(res.history[:50], short.history, rtol=1e-12)
 
 
+@pytest.mark.parametrize("how", ["statistics", "adam"])
+def test_resuming_a_fit_is_identical_to_not_stopping(how):
+    import optax
+
+    kwargs = {"tol": 0.0}
+    if how == "adam":  # optimizer state, q and key all carry over
+        kwargs.update(
+            q=ej.Categorical(),
+            e_step=ej.GradientEStep(optax.adam(0.1), num_steps=2),
+            m_step=ej.GradientMStep(optax.adam(0.05), num_steps=2),
+            key=jr.key(0),
+        )
+    whole = ej.fit(COINS, X, max_iters=12, **kwargs)
+    half = ej.fit(COINS, X, max_iters=5, **kwargs)
+    assert half.status == ej.Status.MAX_ITERS
+    resumed = ej.fit(half, X, max_iters=7, **kwargs)
+    assert resumed.num_iters == 12 and resumed.status == whole.status
+    np.testing.assert_array_equal(resumed.history, whole.history)
+    np.testing.assert_array_equal(resumed.model.logits, whole.model.logits)
+    np.testing.assert_array_equal(resumed.q.logits, whole.q.logits)
+
+
+def test_resuming_with_other_data_is_refused():
+    half = ej.fit(COINS, X, max_iters=3, tol=0.0)
+    with pytest.raises(ValueError, match="cannot resume"):
+        ej.fit(half, coin_data(n=2000, seed=1), max_iters=3)
+
+
+def test_progress_bar_fit_equals_the_plain_fit():
+    plain = ej.fit(COINS, X, max_iters=40, tol=0.0)
+    shown = ej.fit(COINS, X, max_iters=40, tol=0.0, progress=True)
+    np.testing.assert_array_equal(shown.history, plain.history)
+    np.testing.assert_array_equal(shown.model.logits, plain.model.logits)
+
+
 def test_huge_max_iters_costs_no_memory_when_the_fit_converges():
     res = ej.fit(COINS, X, max_iters=50_000_000)
     assert res.converged and res.history.shape == (res.num_iters,)
