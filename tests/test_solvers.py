@@ -145,6 +145,21 @@ def test_a_fresh_prior_lambda_with_another_constant_does_not_recompile(q):
     assert abs(float(first.elbo) - float(second.elbo)) > 1e-4
 
 
+def test_traced_programs_differ_by_what_they_compute_not_by_their_float_numbers():
+    from elbo_jax._traced import Traced
+
+    v = jnp.arange(4.0)
+    scaled = [Traced(lambda a, c=c: c * a, v) for c in (0.5, 3.0)]
+    assert scaled[0].program == scaled[1].program  # only a float literal differs
+    np.testing.assert_array_equal(scaled[1](v), 3.0 * v)
+    # Integer literals (indices, thresholds) are part of the program.
+    masked = [Traced(lambda a, k=k: jnp.where(jnp.arange(4) > k, a, 0.0), v) for k in (0, 2)]
+    assert masked[0].program != masked[1].program
+    np.testing.assert_array_equal(masked[1](v), np.array([0.0, 0.0, 0.0, 3.0]))
+    squares = Traced(lambda a: a**2, v)
+    assert squares.program != scaled[0].program
+
+
 def test_a_new_learning_rate_does_not_recompile_and_is_used():
     import optax
 
