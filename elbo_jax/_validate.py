@@ -82,14 +82,18 @@ def check_has_parameters(model: Model) -> None:
         )
 
 
+_NONFINITE = "x contains NaN or Inf (checked at run time: x was traced by jit or vmap)"
+
+
 def prepare_data(model: Model, x: Any, check: Any = None) -> Any:
     """Convert ``x`` to JAX arrays, cast floating data to the model's dtype, and check it.
 
     Raises ``TypeError`` for non-numeric data and ``ValueError`` for data without a
     leading data axis, with no data, with NaN/Inf entries, or that the model rejects
     (``check(x)``, default ``model.check_data``; evaluation functions pass a check of the
-    shape alone). Tracers (``x`` inside a user's ``jit``) get the shape checks only; a JAX
-    array is checked for NaN/Inf on its own device by one compiled reduction per shape.
+    shape alone). Tracers (``x`` inside a user's ``jit``) get the shape checks now and the
+    NaN/Inf check at run time (``eqx.error_if``); a JAX array is checked for NaN/Inf on its
+    own device by one compiled reduction per shape.
     """
     leaves, treedef = jax.tree_util.tree_flatten(x)
     if not leaves:
@@ -98,6 +102,10 @@ def prepare_data(model: Model, x: Any, check: Any = None) -> Any:
     out = []
     for leaf in leaves:
         if isinstance(leaf, jax.core.Tracer):
+            # Inside a user's jit or vmap the values are unknown here: check them where they
+            # are computed, as a run-time error of the compiled program.
+            if jnp.issubdtype(leaf.dtype, jnp.inexact):
+                leaf = eqx.error_if(leaf, ~jnp.all(jnp.isfinite(leaf)), _NONFINITE)
             out.append(leaf)
             continue
         arr = np.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf

@@ -268,6 +268,18 @@ def test_fit_refuses_a_model_without_parameters():
         ej.fit(Fixed(), X)
 
 
+def test_data_traced_by_jit_are_checked_at_run_time():
+    bad = X.astype(float).copy()
+    bad[7] = np.nan
+    evaluate = jax.jit(lambda x: ej.log_evidence(COINS, x))
+    assert np.isfinite(float(evaluate(X.astype(float))))
+    with pytest.raises(Exception, match="x contains NaN or Inf"):
+        jax.block_until_ready(evaluate(bad))
+    gmm = ej.models.GaussianMixture(np.array([0.5, 0.5]), np.zeros((2, 2)), np.ones((2, 2)), "diag")
+    with pytest.raises(Exception, match="x contains NaN or Inf"):
+        jax.block_until_ready(jax.jit(lambda x: gmm.predict(x))(np.full((3, 2), np.nan)))
+
+
 # --------------------------------------------------------------------- sharded EM
 _SHARDED = textwrap.dedent(
     """
