@@ -86,6 +86,23 @@ def _fit64(covariance_type):
     return ej.fit(model, X, tol=0.0, max_iters=N_ITERS)
 
 
+# Model methods compiled once per model kind, dtype and shape and shared by the tests below
+# (eager calls compile each primitive anew for every data size they meet).
+@eqx.filter_jit
+def _posterior(model, x):
+    return model.posterior(x)
+
+
+@eqx.filter_jit
+def _statistics(model, x, q, weights=None):
+    return model.sufficient_statistics(x, q, weights=weights)
+
+
+@eqx.filter_jit
+def _maximize(model, stats):
+    return model.maximize(stats)
+
+
 def _assert_monotone(history, initial, rtol):
     h = np.concatenate([[float(initial)], np.asarray(history, np.float64)])
     assert np.all(np.isfinite(h))
@@ -256,10 +273,10 @@ def test_hard_assignment_m_step():
 def test_statistics_add_over_shards():
     model = _model("full")
     x = jnp.asarray(X)
-    q = model.posterior(x)
-    whole = model.sufficient_statistics(x, q)
+    q = _posterior(model, x)
+    whole = _statistics(model, x, q)
     parts = [
-        model.sufficient_statistics(x[s], ej.Categorical(q.logits[s]))
+        _statistics(model, x[s], ej.Categorical(q.logits[s]))
         for s in (slice(0, 100), slice(100, None))
     ]
     merged = merge_statistics(*parts)
@@ -267,7 +284,7 @@ def test_statistics_add_over_shards():
         np.testing.assert_allclose(
             getattr(merged, name), getattr(whole, name), rtol=1e-12, atol=1e-12, err_msg=name
         )
-    _assert_same_model(model.maximize(merged), model.maximize(whole), rtol=1e-12)
+    _assert_same_model(_maximize(model, merged), _maximize(model, whole), rtol=1e-12)
 
 
 # ----------------------------------------------------------------------- statistics contract
@@ -290,7 +307,7 @@ def _other_models(covariance_type, dtype):
 def _reference_posterior(x):
     """Responsibilities that do not depend on which model's statistics are asked for."""
     model = _model("full")
-    return model.posterior(jnp.asarray(x, np.float64)).probs
+    return _posterior(model, jnp.asarray(x, np.float64)).probs
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
@@ -303,18 +320,16 @@ def test_merged_statistics_of_models_at_different_theta_equal_the_whole(covarian
     probs = np.asarray(_reference_posterior(X)).astype(dtype)
     part = np.random.default_rng(1).integers(0, 3, X.shape[0])
     stats = [
-        m.sufficient_statistics(
-            jnp.asarray(x[part == i]), ej.Categorical(jnp.log(jnp.asarray(probs[part == i])))
+        _statistics(
+            m, jnp.asarray(x[part == i]), ej.Categorical(jnp.log(jnp.asarray(probs[part == i])))
         )
         for i, m in enumerate(models)
     ]
     assert not np.allclose(stats[0].shift, stats[1].shift)
     merged = merge_statistics(merge_statistics(stats[0], stats[1]), stats[2])
-    whole = models[0].sufficient_statistics(
-        jnp.asarray(x), ej.Categorical(jnp.log(jnp.asarray(probs)))
-    )
+    whole = _statistics(models[0], jnp.asarray(x), ej.Categorical(jnp.log(jnp.asarray(probs))))
     # maximized by yet another model: only the statistics decide
-    got, want = models[1].maximize(merged), models[2].maximize(whole)
+    got, want = _maximize(models[1], merged), _maximize(models[2], whole)
     rtol = 1e-10 if dtype == np.float64 else 1e-4
     for name in ("weights", "means", "covariances"):
         a, b = getattr(got, name), getattr(want, name)
@@ -325,7 +340,7 @@ def test_merged_statistics_of_models_at_different_theta_equal_the_whole(covarian
 def _stats(covariance_type, rows=slice(None), weights=None):
     model = _model(covariance_type, reg_covar=0.0)
     x = jnp.asarray(X[rows])
-    return model, model.sufficient_statistics(x, model.posterior(x), weights=weights)
+    return model, _statistics(model, x, _posterior(model, x), weights)
 
 
 def _assert_same_statistics(a, b, rtol=1e-12):
@@ -341,8 +356,8 @@ def _assert_same_statistics(a, b, rtol=1e-12):
 def test_merge_is_commutative_and_zero_is_neutral(covariance_type):
     models = _other_models(covariance_type, np.float64)
     x = jnp.asarray(X)
-    a = models[0].sufficient_statistics(x[:150], models[0].posterior(x[:150]))
-    b = models[1].sufficient_statistics(x[150:], models[1].posterior(x[150:]))
+    a = _statistics(models[0], x[:150], _posterior(models[0], x[:150]))
+    b = _statistics(models[1], x[150:], _posterior(models[1], x[150:]))
     ab, ba = merge_statistics(a, b), merge_statistics(b, a)
     for la, lb in zip(jax.tree_util.tree_leaves(ab), jax.tree_util.tree_leaves(ba), strict=True):
         np.testing.assert_array_equal(la, lb)  # distinct counts: the same shift, bit for bit
@@ -357,7 +372,7 @@ def test_merge_is_commutative_and_zero_is_neutral(covariance_type):
             ):
                 np.testing.assert_array_equal(got, want)
     # associativity, to rounding
-    c = models[2].sufficient_statistics(x[:40], models[2].posterior(x[:40]))
+    c = _statistics(models[2], x[:40], _posterior(models[2], x[:40]))
     left = merge_statistics(merge_statistics(a, b), c)
     right = merge_statistics(a, merge_statistics(b, c))
     _assert_same_statistics(left, right)
@@ -367,7 +382,7 @@ def test_merge_is_commutative_and_zero_is_neutral(covariance_type):
 def test_scale_and_weights_are_duplicated_and_dropped_rows(covariance_type):
     model, once = _stats(covariance_type)
     twice = np.concatenate([X, X])
-    doubled = model.sufficient_statistics(jnp.asarray(twice), model.posterior(jnp.asarray(twice)))
+    doubled = _statistics(model, jnp.asarray(twice), _posterior(model, jnp.asarray(twice)))
     _assert_same_statistics(scale_statistics(once, 2.0), doubled)
     _assert_same_statistics(scale_statistics(once, 2.0), once.merge(once))
     np.testing.assert_array_equal(scale_statistics(once, 3.0).shift, once.shift)
@@ -377,13 +392,13 @@ def test_scale_and_weights_are_duplicated_and_dropped_rows(covariance_type):
     w[200:] = 0.0
     _, weighted = _stats(covariance_type, weights=jnp.asarray(w))
     rows = np.concatenate([X[:50], X[:200]])
-    expected = model.sufficient_statistics(jnp.asarray(rows), model.posterior(jnp.asarray(rows)))
+    expected = _statistics(model, jnp.asarray(rows), _posterior(model, jnp.asarray(rows)))
     _assert_same_statistics(weighted, expected)
     # padding: rows of weight 0 contribute nothing, whatever their responsibilities
     x = jnp.asarray(np.concatenate([X, np.zeros((7, 2))]))
-    logits = model.posterior(x).logits.at[-7:].set(jnp.nan)
+    logits = _posterior(model, x).logits.at[-7:].set(jnp.nan)
     w = jnp.concatenate([jnp.ones(X.shape[0]), jnp.zeros(7)])
-    padded = model.sufficient_statistics(x, ej.Categorical(logits), weights=w)
+    padded = _statistics(model, x, ej.Categorical(logits), w)
     _assert_same_statistics(padded, once)
     with pytest.raises(ValueError, match=r"weights has shape \(3,\), expected \(N,\) with N=240"):
         model.sufficient_statistics(

@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -91,10 +92,32 @@ DTYPES = [jnp.float64, jnp.float32]
 
 
 # --------------------------------------------------------------------------- helpers
+# The model methods under test, compiled once per model kind and shape and shared by every
+# test (eager calls compile each primitive anew for every part size of every split).
+@eqx.filter_jit
+def _posterior(model, x):
+    return model.posterior(x)
+
+
+@eqx.filter_jit
+def _statistics(model, x, q, weights=None):
+    return model.sufficient_statistics(x, q, weights=weights)
+
+
+@eqx.filter_jit
+def _maximize(model, stats):
+    return model.maximize(stats)
+
+
+@eqx.filter_jit
+def _sample(model, key, n):
+    return model.sample(key, n)
+
+
 def _data(case, dtype, *, far=False, seed=0, n=N):
     """``n`` draws from a float64 model of the case, in ``dtype`` (float32 data are the
     rounded draws, so a float64 reference can use exactly the same numbers)."""
-    x, _ = case.make_model(1000 + seed, jnp.float64, far).sample(jr.key(seed), n)
+    x, _ = _sample(case.make_model(1000 + seed, jnp.float64, far), jr.key(seed), n)
     return x.astype(dtype)
 
 
@@ -143,19 +166,18 @@ def _split(n, seed):
 def test_statistics_taken_at_different_theta_merge_into_the_whole(case, dtype, far):
     x = _data(case, dtype, far=far)
     theta0 = case.make_model(1, dtype, far)
-    q = theta0.posterior(x)  # one q for the whole data: statistics may depend on θ only via q
+    q = _posterior(theta0, x)  # one q for the whole data: statistics may depend on θ only via q
     parts = _split(N, seed=2)
     thetas = [case.make_model(10 + i, dtype, far) for i in range(3)]
     pieces = [
-        theta.sufficient_statistics(x[idx], _rows(q, idx))
-        for theta, idx in zip(thetas, parts, strict=True)
+        _statistics(theta, x[idx], _rows(q, idx)) for theta, idx in zip(thetas, parts, strict=True)
     ]
     merged = merge_statistics(merge_statistics(pieces[0], pieces[1]), pieces[2])
-    whole = theta0.sufficient_statistics(x, q)
-    _assert_same_params(case, theta0.maximize(merged), theta0.maximize(whole), RTOL[dtype])
+    whole = _statistics(theta0, x, q)
+    _assert_same_params(case, _maximize(theta0, merged), _maximize(theta0, whole), RTOL[dtype])
     # associativity: another bracketing, another order
     other = merge_statistics(pieces[2], merge_statistics(pieces[0], pieces[1]))
-    _assert_same_params(case, theta0.maximize(other), theta0.maximize(whole), RTOL[dtype])
+    _assert_same_params(case, _maximize(theta0, other), _maximize(theta0, whole), RTOL[dtype])
 
 
 # --------------------------------------------------------------------------- (ii) algebra
@@ -163,11 +185,9 @@ def test_statistics_taken_at_different_theta_merge_into_the_whole(case, dtype, f
 def test_merge_is_commutative_and_zero_is_neutral(case):
     x = _data(case, jnp.float64)
     model = case.make_model(1, jnp.float64, False)
-    q = model.posterior(x)
-    a = model.sufficient_statistics(x[:20], _rows(q, slice(0, 20)))
-    b = case.make_model(2, jnp.float64, False).sufficient_statistics(
-        x[20:], _rows(q, slice(20, None))
-    )
+    q = _posterior(model, x)
+    a = _statistics(model, x[:20], _rows(q, slice(0, 20)))
+    b = _statistics(case.make_model(2, jnp.float64, False), x[20:], _rows(q, slice(20, None)))
     ab, ba = merge_statistics(a, b), merge_statistics(b, a)
     for u, v in zip(jax.tree_util.tree_leaves(ab), jax.tree_util.tree_leaves(ba), strict=True):
         scale = float(jnp.max(jnp.abs(v)))
@@ -176,15 +196,13 @@ def test_merge_is_commutative_and_zero_is_neutral(case):
     _assert_identical(merge_statistics(zeros, a), a)
     _assert_identical(merge_statistics(a, zeros), a)
     # zero weight on every datum gives the zero statistics, neutral as well
-    nothing = model.sufficient_statistics(
-        x[20:], _rows(q, slice(20, None)), weights=jnp.zeros(N - 20)
-    )
+    nothing = _statistics(model, x[20:], _rows(q, slice(20, None)), jnp.zeros(N - 20))
     _assert_identical(merge_statistics(nothing, a), a)
     # scaling by zero removes the data
     _assert_same_params(
         case,
-        model.maximize(merge_statistics(scale_statistics(b, 0.0), a)),
-        model.maximize(a),
+        _maximize(model, merge_statistics(scale_statistics(b, 0.0), a)),
+        _maximize(model, a),
         1e-12,
     )
     # complete-data statistics have the same structure (they merge with data statistics)
@@ -196,20 +214,18 @@ def test_merge_is_commutative_and_zero_is_neutral(case):
 def test_scale_and_weights_are_data_multiplicities(case):
     x = _data(case, jnp.float64)
     model = case.make_model(1, jnp.float64, False)
-    q = model.posterior(x)
+    q = _posterior(model, x)
     first, rest = np.arange(25), np.arange(25, N)
-    stats_rest = model.sufficient_statistics(x[rest], _rows(q, rest))
+    stats_rest = _statistics(model, x[rest], _rows(q, rest))
 
     # scale_statistics(s, 2) is the statistics of the data twice over (with other data
     # beside them, so that the weight matters to the M-step)
     twice = np.concatenate([first, first])
     doubled = merge_statistics(
-        scale_statistics(model.sufficient_statistics(x[first], _rows(q, first)), 2.0), stats_rest
+        scale_statistics(_statistics(model, x[first], _rows(q, first)), 2.0), stats_rest
     )
-    duplicated = merge_statistics(
-        model.sufficient_statistics(x[twice], _rows(q, twice)), stats_rest
-    )
-    _assert_same_params(case, model.maximize(doubled), model.maximize(duplicated), 1e-10)
+    duplicated = merge_statistics(_statistics(model, x[twice], _rows(q, twice)), stats_rest)
+    _assert_same_params(case, _maximize(model, doubled), _maximize(model, duplicated), 1e-10)
 
     # weight 2 on some rows == those rows duplicated; weight 0 == those rows dropped, even
     # when their q is nonsense (but finite, as padding rows are)
@@ -222,10 +238,10 @@ def test_scale_and_weights_are_data_multiplicities(case):
     garbage_q = jax.tree_util.tree_map(
         lambda a, g: a.at[40:].set(g[40:]) if _is_float(a) else a, q, noise
     )
-    weighted = model.sufficient_statistics(x, garbage_q, weights=jnp.asarray(weights))
+    weighted = _statistics(model, x, garbage_q, jnp.asarray(weights))
     rows = np.concatenate([np.arange(10), np.arange(40)])
-    explicit = model.sufficient_statistics(x[rows], _rows(q, rows))
-    _assert_same_params(case, model.maximize(weighted), model.maximize(explicit), 1e-10)
+    explicit = _statistics(model, x[rows], _rows(q, rows))
+    _assert_same_params(case, _maximize(model, weighted), _maximize(model, explicit), 1e-10)
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -233,7 +249,7 @@ def test_weights_of_the_wrong_shape_are_refused(case):
     x = _data(case, jnp.float64, n=6)
     model = case.make_model(1, jnp.float64, False)
     with pytest.raises(ValueError, match=r"weights has shape \(5,\), expected \(N,\) = \(6,\)"):
-        model.sufficient_statistics(x, model.posterior(x), weights=jnp.ones(5))
+        model.sufficient_statistics(x, _posterior(model, x), weights=jnp.ones(5))
 
 
 # --------------------------------------------------------------------------- (iii) round trip
@@ -259,18 +275,18 @@ def test_float32_statistics_of_far_data_give_the_float64_m_step(case):
     x32 = _data(case, jnp.float32, far=True, n=200)
     x64 = x32.astype(jnp.float64)
     model64 = case.make_model(1, jnp.float64, True)
-    q64 = model64.posterior(x64)
-    want = model64.maximize(model64.sufficient_statistics(x64, q64))
+    q64 = _posterior(model64, x64)
+    want = _maximize(model64, _statistics(model64, x64, q64))
     # the same q in float32, so that only the statistics and the M-step run in float32
     model32 = case.make_model(1, jnp.float32, True)
     q32 = _cast(q64, jnp.float32)
-    stats32 = model32.sufficient_statistics(x32, q32)
+    stats32 = _statistics(model32, x32, q32)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(stats32))
-    got = model32.maximize(stats32)
+    got = _maximize(model32, stats32)
     _assert_same_params(case, got, want, 1e-4)
     # and merged from three float32 parts
     parts = _split(200, seed=4)
-    merged = model32.sufficient_statistics(x32[parts[0]], _rows(q32, parts[0]))
+    merged = _statistics(model32, x32[parts[0]], _rows(q32, parts[0]))
     for idx in parts[1:]:
-        merged = merge_statistics(merged, model32.sufficient_statistics(x32[idx], _rows(q32, idx)))
-    _assert_same_params(case, model32.maximize(merged), want, 1e-4)
+        merged = merge_statistics(merged, _statistics(model32, x32[idx], _rows(q32, idx)))
+    _assert_same_params(case, _maximize(model32, merged), want, 1e-4)
