@@ -29,6 +29,8 @@ from ._steps import (
     ExactMStep,
     GradientEStep,
     _OptaxStep,
+    _split_params,
+    uses_closed_form,
 )
 from ._traced import Traced
 from ._validate import check_has_parameters, check_log_joint, check_model, prepare_data
@@ -326,6 +328,7 @@ def fit(
     max_iters: int = 500,
     tol: float = 1e-6,
     key: Key | None = None,
+    frozen: Callable[[Model], Any] | None = None,
     restarts: int | None = None,
     sharding: Any = None,
     progress: bool = False,
@@ -358,6 +361,11 @@ def fit(
     - `tol`: stop when $|F_t - F_{t-1}| <$ ``tol`` (per datum). ``tol=0`` runs ``max_iters``.
     - `key`: JAX random key, required for stochastic steps (Monte Carlo expectations);
       deterministic fits need none.
+    - `frozen`: ``model -> parameter(s)`` to hold fixed, as ``eqx.tree_at``'s ``where``
+      (``lambda m: m.loc`` or ``lambda m: (m.loc, m.weight_logits)``). Gradient and
+      numerical M-steps move only the others; a closed form is used when the model's
+      ``maximize`` honours the frozen set (``Model.honours_frozen``: the Gaussian mixture
+      does for any whole field), else the M-step is solved numerically.
     - `restarts`: run ``R`` fits as one vmapped compiled call and return the best by final
       ELBO (``restart_elbos`` holds every restart's). Restart ``r`` starts from
       ``model(keys[r])`` (or ``model`` itself) with ``key=keys[r]``, where
@@ -424,6 +432,12 @@ def fit(
                 f"e_step=GradientEStep needs a q with continuous parameters, but {type(q).__name__} "
                 f"over {first.latent!r} has none; use ej.Categorical() or ej.Gaussian()"
             )
+    if frozen is not None:
+        if not hasattr(m_step, "trainable"):
+            raise TypeError(
+                f"frozen= needs an M-step that moves selected parameters, got {m_step!r}"
+            )
+        m_step = dataclasses.replace(m_step, trainable=_trainable(first, frozen))
     dtype = float_dtype(first)
     solver, chunk_size = _choose_solver(first, x, q, e_step, m_step, prior)
     if mesh is not None and not (
@@ -431,7 +445,7 @@ def fit(
         or (
             isinstance(e_step, ExactEStep)
             and isinstance(m_step, ExactMStep)
-            and first.has_closed_form(prior)
+            and uses_closed_form(first, prior, m_step.trainable)
         )
     ):
         raise NotImplementedError(
@@ -445,7 +459,7 @@ def fit(
         params, _ = eqx.partition(q_shape, _is_inexact_struct)
         solver = eqx.tree_at(lambda s: s.e_step, solver, e_step.hashable(params))
     if isinstance(m_step, _OptaxStep):
-        params, _ = eqx.partition(first, eqx.is_inexact_array)
+        params, _ = _split_params(first, getattr(m_step, "trainable", None))
         solver = eqx.tree_at(lambda s: s.m_step, solver, m_step.hashable(params))
     if prior is not None:
         solver = eqx.tree_at(lambda s: s.prior, solver, _compiled_prior(prior, first))
@@ -545,6 +559,30 @@ def _resumable(previous: "FitResult", solver, model, q, data, key) -> LoopState:
     return eqx.tree_at(lambda s: s.status, previous.state, jnp.asarray(Status.RUNNING, jnp.int32))
 
 
+_FROZEN = object()
+
+
+def _trainable(model: Model, frozen: Callable) -> tuple:
+    """One bool per leaf of ``model``: False where ``frozen(model)`` selects it."""
+    if not callable(frozen):
+        raise TypeError(f"frozen must be a function model -> parameter(s), got {frozen!r}")
+    try:
+        marked = eqx.tree_at(
+            frozen,
+            model,
+            replace_fn=lambda node: jax.tree_util.tree_map(lambda _: _FROZEN, node),
+        )
+    except Exception as error:  # noqa: BLE001 - re-raised with the argument named
+        raise ValueError(
+            "frozen must select parameters of the model, e.g. frozen=lambda m: m.loc; "
+            f"selecting them failed: {error}"
+        ) from error
+    flags = tuple(leaf is not _FROZEN for leaf in jax.tree_util.tree_leaves(marked))
+    if all(flags):
+        raise ValueError("frozen=... selected no parameter of the model")
+    return flags
+
+
 def _compiled_prior(prior: Callable, model: Model) -> Callable:
     """A plain function ``prior(model)`` as a ``Traced`` program, so that a fresh lambda
     (or one with another constant) does not compile a new fit. Modules (such as
@@ -591,7 +629,7 @@ def _statistics_plan(
     the statistics). ``(False, None)`` otherwise: the fit carries q."""
     if not _is_exact_discrete_em(model, q, e_step, m_step):
         return False, None
-    return model.has_closed_form(prior), affine_split(model, x)
+    return uses_closed_form(model, prior, m_step.trainable), affine_split(model, x)
 
 
 def _fit_with_progress(solver, model, q, data, key, tol, max_iters: int, mesh):

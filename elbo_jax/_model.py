@@ -113,6 +113,13 @@ class Model(eqx.Module):
         only rises beyond that (and rounding). Default 0: the M-step is exact on $F$."""
         return jnp.zeros((), float_dtype(self))
 
+    def honours_frozen(self, frozen: Any) -> bool:
+        """Whether ``maximize(stats, prior, frozen=frozen)`` gives the exact M-step with the
+        parameters flagged ``True`` in ``frozen`` (a pytree like the model) held fixed.
+        Default False: with frozen parameters, elbo_jax then solves the M-step numerically."""
+        del frozen
+        return False
+
     def has_closed_form(self, prior: Any) -> bool:
         """Whether ``maximize`` gives the exact M-step for this prior (``None``: maximum likelihood)."""
         del prior

@@ -1,6 +1,7 @@
 r"""E-steps and M-steps: each lowers ``free_energy`` over q (E) or over $\theta$ (M)."""
 
 import abc
+import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -18,8 +19,42 @@ from ._objective import Prior, _free_energy, as_dataset
 from ._q import AbstractQ
 
 
-def _split_params(tree: Any) -> tuple[Any, Any]:
-    return eqx.partition(tree, eqx.is_inexact_array)
+def _split_params(tree: Any, trainable: tuple | None = None) -> tuple[Any, Any]:
+    """The floating-point arrays of ``tree`` that steps move (all, or those flagged in
+    ``trainable``, one bool per leaf of ``tree``), and the rest."""
+    if trainable is None:
+        return eqx.partition(tree, eqx.is_inexact_array)
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    spec = [eqx.is_inexact_array(leaf) and t for leaf, t in zip(leaves, trainable, strict=True)]
+    return eqx.partition(tree, jax.tree_util.tree_unflatten(treedef, spec))
+
+
+def frozen_tree(model: Model, trainable: tuple | None) -> Any:
+    """``True`` at the model's frozen leaves (a pytree like the model), or None."""
+    if trainable is None or all(trainable):
+        return None
+    treedef = jax.tree_util.tree_structure(model)
+    return jax.tree_util.tree_unflatten(treedef, [not t for t in trainable])
+
+
+def uses_closed_form(model: Model, prior: Prior, trainable: tuple | None) -> bool:
+    """Whether the M-step is the model's closed form: it has one for ``prior`` and, with
+    frozen parameters, its ``maximize`` honours them (``Model.honours_frozen``)."""
+    if not model.has_closed_form(prior):
+        return False
+    frozen = frozen_tree(model, trainable)
+    return frozen is None or bool(model.honours_frozen(frozen))
+
+
+def maximize_closed_form(model: Model, stats: Stats, prior: Prior, trainable: tuple | None):
+    """``model.maximize``, told which parameters are frozen, with those kept exactly."""
+    frozen = frozen_tree(model, trainable)
+    if frozen is None:
+        return model.maximize(stats, prior)
+    new = model.maximize(stats, prior, frozen=frozen)
+    moved, _ = _split_params(new, trainable)
+    _, kept = _split_params(model, trainable)
+    return eqx.combine(moved, kept)
 
 
 def _maybe_fold(key: Key | None, i: Any) -> Key | None:
@@ -74,7 +109,8 @@ class _OptaxStep(eqx.Module):
 
     def hashable(self, params: Any) -> "_OptaxStep":
         """This step with its optimizer in a form jit compares by computation (``_optax``)."""
-        return type(self)(_optax.compiled_optimizer(self.optimizer, params), self.num_steps)
+        optimizer = _optax.compiled_optimizer(self.optimizer, params)
+        return dataclasses.replace(self, optimizer=optimizer)
 
 
 # ---------------------------------------------------------------------------- E-steps
@@ -203,6 +239,8 @@ class ExactMStep(AbstractMStep):
     max_steps: int = eqx.field(static=True, default=500)
     tol: float | None = eqx.field(static=True, default=None)
     use_closed_form: bool = eqx.field(static=True, default=True)
+    # One bool per leaf of the model: False for a frozen parameter (set by fit(frozen=...)).
+    trainable: tuple | None = eqx.field(static=True, default=None)
     exact = True
 
     def __check_init__(self):
@@ -214,9 +252,10 @@ class ExactMStep(AbstractMStep):
 
     def step(self, model, q, state, data, *, key, prior):
         data = as_dataset(data, model)
-        if self.use_closed_form and model.has_closed_form(prior):
-            return model.maximize(expected_statistics(model, q, data), prior), state
-        params, static = _split_params(model)
+        if self.use_closed_form and uses_closed_form(model, prior, self.trainable):
+            stats = expected_statistics(model, q, data)
+            return maximize_closed_form(model, stats, prior, self.trainable), state
+        params, static = _split_params(model, self.trainable)
         q = jax.lax.stop_gradient(q)
         loss = _m_loss(static, q, data, prior)
         params = minimize_lbfgs(
@@ -332,15 +371,17 @@ class GradientMStep(_OptaxStep, AbstractMStep):
     ```
     """
 
+    # One bool per leaf of the model: False for a frozen parameter (set by fit(frozen=...)).
+    trainable: tuple | None = eqx.field(static=True, default=None)
     exact = False
 
     def init(self, model):
-        params, _ = _split_params(model)
+        params, _ = _split_params(model, self.trainable)
         return self.init_optimizer(params)
 
     def step(self, model, q, state, data, *, key, prior):
         data = as_dataset(data, model)
-        params, static = _split_params(model)
+        params, static = _split_params(model, self.trainable)
         q = jax.lax.stop_gradient(q)
         loss = _m_loss(static, q, data, prior)
         params, state = _optax_steps(self.transform, self.num_steps, loss, params, state, key)

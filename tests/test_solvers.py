@@ -366,3 +366,56 @@ def test_sharding_argument_is_checked_and_gradient_steps_are_refused_for_now():
             sharding=NamedSharding(mesh, P("data")),
             m_step=ej.GradientMStep(optax.adam(1e-2)),
         )
+
+
+# --------------------------------------------------------------------- frozen parameters
+def _gmm_problem():
+    rng = np.random.default_rng(11)
+    x = np.concatenate([rng.normal(size=(120, 2)), rng.normal(size=(80, 2)) * 0.5 + 3.0])
+    # reg_covar=0: the closed form is then exactly the maximiser the numerical step finds
+    start = ej.models.GaussianMixture(
+        np.array([0.4, 0.6]),
+        np.array([[0.5, 0.5], [2.0, 2.5]]),
+        np.stack([np.eye(2)] * 2),
+        reg_covar=0.0,
+    )
+    return start, x
+
+
+@pytest.mark.parametrize(
+    "frozen",
+    [lambda m: m.loc, lambda m: (m.weight_logits, m.raw_precision_factor)],
+    ids=["means", "weights-and-covariances"],
+)
+def test_frozen_gmm_closed_form_equals_the_numerical_m_step(frozen):
+    start, x = _gmm_problem()
+    closed = ej.fit(start, x, frozen=frozen, max_iters=6, tol=0.0)
+    numeric = ej.fit(
+        start, x, frozen=frozen, m_step=ej.ExactMStep(use_closed_form=False), max_iters=6, tol=0.0
+    )
+    np.testing.assert_allclose(closed.history, numeric.history, rtol=1e-8)
+    for held in jax.tree_util.tree_leaves(frozen(start)):
+        got = [leaf for leaf in jax.tree_util.tree_leaves(frozen(closed.model))]
+        assert any(np.array_equal(np.asarray(g), np.asarray(held)) for g in got)
+    assert np.all(np.diff(closed.history) >= -1e-12)
+    free = ej.fit(start, x, max_iters=6, tol=0.0)
+    assert float(free.elbo) > float(closed.elbo)  # freezing costs something here
+
+
+def test_frozen_parameters_stay_under_gradient_and_found_statistics_m_steps():
+    import optax
+
+    frozen = lambda m: m.logits  # noqa: E731 - the whole array
+    for kwargs in ({}, {"m_step": ej.GradientMStep(optax.adam(0.05), num_steps=2)}):
+        with pytest.raises(ValueError, match="selected no parameter|select parameters"):
+            ej.fit(COINS, X, frozen=lambda m: (), max_iters=2, **kwargs)
+    res = ej.fit(
+        COINS, X, frozen=frozen, m_step=ej.GradientMStep(optax.adam(0.05)), max_iters=3, tol=0.0
+    )
+    np.testing.assert_array_equal(res.model.logits, COINS.logits)
+    # A user model with two parameter arrays: freeze one, the other moves (found statistics).
+    model = ej.models.PoissonMixture.initialize(jr.key(2), COUNTS, 3)
+    res = ej.fit(model, COUNTS, frozen=lambda m: m.weight_logits, max_iters=5, tol=0.0)
+    np.testing.assert_array_equal(res.model.weight_logits, model.weight_logits)
+    assert not np.array_equal(np.asarray(res.model.log_rates), np.asarray(model.log_rates))
+    assert np.all(np.diff(res.history) >= -1e-12)

@@ -23,7 +23,13 @@ from .._data import Dataset, map_over_data, per_datum_size
 from .._model import Model, is_finite_tree
 from .._objective import free_energy_from_sum
 from .._q import Categorical, normalize_table
-from .._steps import ExactMStep, minimize_lbfgs, polish_newton
+from .._steps import (
+    ExactMStep,
+    _split_params,
+    maximize_closed_form,
+    minimize_lbfgs,
+    polish_newton,
+)
 from ._base import AbstractSolver
 
 # The found split's per-datum features are computed once per fit unless they would take
@@ -117,11 +123,12 @@ class StatisticsEM(AbstractSolver):
         return StatisticsState(model, stats, features), jnp.full_like(objective, jnp.nan)
 
     def _maximize(self, model: Model, stats: Stats, data: Dataset) -> Model:
+        trainable = self.m_step.trainable
         if self.closed_form:
-            return model.maximize(stats, self.prior)
+            return maximize_closed_form(model, stats, self.prior, trainable)
         # No closed form: the numerical M-step on the objective the found statistics
         # determine, which costs K evaluations of the log-joint per step instead of N K.
-        params, static = eqx.partition(model, eqx.is_inexact_array)
+        params, static = _split_params(model, trainable)
 
         def loss(p):
             m = eqx.combine(p, static)

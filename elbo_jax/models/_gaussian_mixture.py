@@ -578,15 +578,27 @@ class GaussianMixture(AbstractMixture):
             counts, self.loc, jnp.zeros_like(self.loc), counts[expand] * self.covariances
         )
 
+    def honours_frozen(self, frozen: Any) -> bool:
+        """Any whole field may be frozen (the weights, the means, the covariances): with the
+        means fixed the covariances are the scatter about them, which ``maximize`` does."""
+        fields = (frozen.weight_logits, frozen.loc, frozen.raw_precision_factor)
+        return all(isinstance(f, bool) for f in fields)
+
     def maximize(
-        self, stats: GaussianMixtureStatistics, prior: "GaussianMixturePrior | None" = None
+        self,
+        stats: GaussianMixtureStatistics,
+        prior: "GaussianMixturePrior | None" = None,
+        *,
+        frozen: Any = None,
     ) -> "GaussianMixture":
         r"""The closed-form M-step from ``GaussianMixtureStatistics`` (maximum likelihood, or
         the MAP with a ``GaussianMixturePrior``; see the class and the prior for the formulas).
 
         Everything is computed about the statistics' own shift $a_k$, never about this
         model's means, so statistics from any $\theta$ (merged or not) give the same model.
-        A component with (almost) no data keeps this model's mean and covariance."""
+        A component with (almost) no data keeps this model's mean and covariance. With
+        ``frozen.loc`` (``fit(..., frozen=lambda m: m.loc)``) the means stay and the
+        covariances are the scatter about them; other frozen fields are restored by ``fit``."""
         if not isinstance(stats, GaussianMixtureStatistics):
             raise TypeError(f"maximize needs GaussianMixtureStatistics, got {type(stats).__name__}")
         if stats.is_diagonal != (self.covariance_type == "diag"):
@@ -615,6 +627,8 @@ class GaussianMixture(AbstractMixture):
             weight_counts = counts + (prior.concentration - 1) + tiny
         # The new (posterior) mean m_k, as an offset e_k = m_k - a_k from the shift.
         e = (first + offset) / mean_denominator[:, None]
+        if frozen is not None and frozen.loc:
+            e = self.loc - shift  # the means stay: the scatter is taken about them
         if self.covariance_type == "diag":
             scatter = second - 2 * first * e + counts[:, None] * e**2
             psi_n = jnp.diagonal(psi)[None] + scatter
