@@ -28,6 +28,9 @@ from ._q import (
 from ._q import (
     PointMass as PointMass,
 )
+from ._statistics import AbstractStatistics as AbstractStatistics
+from ._statistics import merge_statistics as merge_statistics
+from ._statistics import scale_statistics as scale_statistics
 from ._steps import (
     AbstractEStep as AbstractEStep,
 )

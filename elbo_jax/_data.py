@@ -138,12 +138,12 @@ def _merge_across(total: PyTree, axis_name: str) -> PyTree:
 
 # ------------------------------------------------------------------ padding on the host
 def default_chunk_size(per_datum_elements: int) -> int:
-    """Rows per chunk: a power of two that keeps a chunk cache-sized on CPU. On an
+    """Rows per chunk: a multiple of 64 that keeps a chunk cache-sized on CPU. On an
     accelerator the whole data are one chunk (``None``)."""
     if jax.default_backend() != "cpu":
         return 0
     rows = max(_MIN_CHUNK, _CPU_CHUNK_ELEMENTS // max(1, per_datum_elements))
-    return 1 << (rows.bit_length() - 1)
+    return rows // 64 * 64
 
 
 def padded_size(n: int, chunk_size: int, num_shards: int = 1) -> tuple[int, int]:

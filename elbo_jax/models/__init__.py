@@ -4,7 +4,9 @@ from ._bernoulli_mixture import BernoulliMixture as BernoulliMixture
 from ._bernoulli_mixture import BernoulliMixturePrior as BernoulliMixturePrior
 from ._gaussian_mixture import GaussianMixture as GaussianMixture
 from ._gaussian_mixture import GaussianMixturePrior as GaussianMixturePrior
+from ._gaussian_mixture import GaussianMixtureStatistics as GaussianMixtureStatistics
 from ._linear_gaussian import PPCA as PPCA
 from ._linear_gaussian import FactorAnalysis as FactorAnalysis
+from ._linear_gaussian import LinearGaussianStatistics as LinearGaussianStatistics
 from ._poisson_mixture import PoissonMixture as PoissonMixture
 from ._poisson_mixture import PoissonMixturePrior as PoissonMixturePrior

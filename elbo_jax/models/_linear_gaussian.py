@@ -265,6 +265,12 @@ class _AbstractLinearGaussian(Model):
         )
         return log_prior + log_lik
 
+    def _prepared(self, x: Data) -> Array:
+        """``x`` in the model's dtype, its shape checked (a hook's input: the values were
+        checked by ``fit`` or the evaluation function that called it)."""
+        _check_x(x, self.dim)
+        return jnp.asarray(x, self.dtype)
+
     def _data(self, x: Data) -> Array:
         """``x`` checked as ``fit`` checks it (``ValueError`` naming ``x`` for NaN/Inf, a wrong
         rank or ``D``, no data; inside a user's ``jit`` the shape only), in the model's dtype."""
@@ -292,7 +298,7 @@ class _AbstractLinearGaussian(Model):
 
         **Returns:** an ``ej.Gaussian`` with means ``(N, L)`` and covariances ``(N, L, L)``.
         """
-        x = self._data(x)
+        x = self._prepared(x)
         means, chol, _ = self._posterior_parts(x)
         eye = jnp.eye(self.latent_dim, dtype=self.dtype)
         cov = jsl.cho_solve((chol, True), eye)
@@ -317,7 +323,7 @@ class _AbstractLinearGaussian(Model):
         $\log|W W^\top + \Psi| = \log|M| + \sum_d \log \Psi_{dd}$ (a sum of nonnegative
         terms, so no cancellation when $\Psi$ is small).
         """
-        x = self._data(x)
+        x = self._prepared(x)
         psi = self.noise_diagonal
         means, chol, resid = self._posterior_parts(x)
         fit_resid = resid - means @ self.weight.T
@@ -342,7 +348,7 @@ class _AbstractLinearGaussian(Model):
         different $\theta$ differ only through $q$. See ``LinearGaussianStatistics`` for the
         fields and why they carry $c$.
         """
-        x = self._data(x)
+        x = self._prepared(x)
         q = q.resolve(self, x)
         if not (hasattr(q, "mean") and hasattr(q, "covariance")):
             raise TypeError(

@@ -187,10 +187,10 @@ class AbstractMixture(Model):
     def predict_proba(self, x: Data) -> Float[Array, "N K"]:
         r"""Responsibilities $p(z{=}k \mid x_n, \theta)$, shape ``(N, K)``.
 
-        ``x`` is checked as ``fit`` checks it (``log_joint_table`` does): NaN/Inf, a wrong
-        shape or entries the model rejects raise a ``ValueError`` naming ``x``."""
-        return jax.nn.softmax(self.log_joint_table(x), axis=-1)
+        ``x`` is checked as ``fit`` checks it: NaN/Inf, a wrong shape or entries the model
+        rejects raise a ``ValueError`` naming ``x``."""
+        return jax.nn.softmax(self.log_joint_table(self._evaluation_data(x)), axis=-1)
 
     def predict(self, x: Data) -> Int[Array, " N"]:
         r"""The most probable component $\arg\max_k p(z{=}k \mid x_n)$, shape ``(N,)``."""
-        return jnp.argmax(self.log_joint_table(x), axis=-1)
+        return jnp.argmax(self.log_joint_table(self._evaluation_data(x)), axis=-1)

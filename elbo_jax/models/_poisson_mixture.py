@@ -201,8 +201,8 @@ class PoissonMixture(AbstractMixture):
     def log_joint_table(self, x: Data) -> LogTable:
         r"""$T_{nk} = \log p(x_n, z{=}k)$, shape ``(N, K)``, by one matmul (see the class docs).
 
-        ``x`` is checked as ``fit`` checks it (``ValueError`` naming ``x``)."""
-        x = self._evaluation_data(x)
+        A hook for data already checked (``fit``, ``predict``, … check ``x`` first)."""
+        x = self._as_data(x)  # a hook on prepared data: the evaluation functions check x
         return poisson_log_density(x, self.log_rates) + self.log_weights[None, :]
 
     def check_data(self, x: Data) -> None:
