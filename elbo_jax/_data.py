@@ -12,7 +12,6 @@ $N$ of the **whole** data set travels with the data (``Dataset.num_data``), so a
 a minibatch or a shard adds to — or estimates — the same per-datum sum.
 """
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -63,10 +62,6 @@ class Dataset(eqx.Module):
             chunk_size=self.chunk_size,
             axis_name=self.axis_name,
         )
-
-    def with_chunk_size(self, chunk_size: int) -> "Dataset":
-        """The same data reduced in chunks of ``chunk_size`` rows (a divisor of ``N_pad``)."""
-        return dataclasses.replace(self, chunk_size=chunk_size)
 
 
 def sum_over_data(
