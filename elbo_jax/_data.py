@@ -106,6 +106,12 @@ def sum_over_data(
     return total
 
 
+def weighted_sum(values: Array, weights: Array) -> Array:
+    r"""$\sum_n w_n v_n$, with padded rows ($w_n = 0$) contributing exactly 0 whatever their
+    values (a padded row's value may be non-finite)."""
+    return jnp.sum(jnp.where(weights > 0, weights.astype(values.dtype) * values, 0.0))
+
+
 def _is_statistics(node: Any) -> bool:
     return isinstance(node, AbstractStatistics)
 

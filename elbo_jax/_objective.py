@@ -20,7 +20,7 @@ import jax.random as jr
 import numpy as np
 
 from ._custom_types import Data, Key, LogTable, PerDatum, Scalar
-from ._data import Dataset
+from ._data import Dataset, weighted_sum
 from ._model import Model, float_dtype
 from ._q import AbstractQ, num_data
 
@@ -77,7 +77,7 @@ def _free_energy(
     def chunk(values, weights):
         x, q_chunk, table_chunk = values
         terms = elbo_terms(model, eqx.combine(q_chunk, q_static), x, key=key, table=table_chunk)
-        return jnp.sum(jnp.where(weights > 0, weights.astype(terms.dtype) * terms, 0.0))
+        return weighted_sum(terms, weights)
 
     total = data.sum(chunk, q_arrays, table)
     return free_energy_from_sum(total, model, prior, data.num_data)
@@ -97,7 +97,7 @@ def as_dataset(data: Any, model: Model) -> Dataset:
 
 @eqx.filter_jit
 def _free_energy_whole(model, q, x, key, prior):
-    return _free_energy(model, q, whole(x, float_dtype(model)), key=key, prior=prior)
+    return _free_energy(model, q, as_dataset(x, model), key=key, prior=prior)
 
 
 def free_energy(

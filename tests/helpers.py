@@ -7,6 +7,7 @@ the exact posterior of a ``Real`` latent (``LinearGaussianExact``).
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,3 +216,20 @@ def gaussian_kl_np(m1, s1, m2, s2):
             )
         )
     return np.asarray(out)
+
+
+# Model methods compiled once per model kind, dtype and shape, shared by the statistics tests
+# (eager calls compile each primitive anew for every data size they meet).
+@eqx.filter_jit
+def compiled_posterior(model, x):
+    return model.posterior(x)
+
+
+@eqx.filter_jit
+def compiled_statistics(model, x, q, weights=None):
+    return model.sufficient_statistics(x, q, weights=weights)
+
+
+@eqx.filter_jit
+def compiled_maximize(model, stats):
+    return model.maximize(stats)

@@ -15,6 +15,9 @@ import optax
 import pytest
 import scipy.optimize
 import scipy.stats as st
+from helpers import compiled_maximize as _maximize
+from helpers import compiled_posterior as _posterior
+from helpers import compiled_statistics as _statistics
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
@@ -84,23 +87,6 @@ def _sklearn(covariance_type, max_iter):
 def _fit64(covariance_type):
     model = _model(covariance_type, REG_COVAR[covariance_type])
     return ej.fit(model, X, tol=0.0, max_iters=N_ITERS)
-
-
-# Model methods compiled once per model kind, dtype and shape and shared by the tests below
-# (eager calls compile each primitive anew for every data size they meet).
-@eqx.filter_jit
-def _posterior(model, x):
-    return model.posterior(x)
-
-
-@eqx.filter_jit
-def _statistics(model, x, q, weights=None):
-    return model.sufficient_statistics(x, q, weights=weights)
-
-
-@eqx.filter_jit
-def _maximize(model, stats):
-    return model.maximize(stats)
 
 
 def _assert_monotone(history, initial, rtol):

@@ -22,6 +22,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from helpers import compiled_maximize as _maximize
+from helpers import compiled_posterior as _posterior
+from helpers import compiled_statistics as _statistics
 
 import elbo_jax as ej
 from elbo_jax._statistics import merge_statistics, scale_statistics
@@ -92,21 +95,6 @@ DTYPES = [jnp.float64, jnp.float32]
 
 
 # --------------------------------------------------------------------------- helpers
-# The model methods under test, compiled once per model kind and shape and shared by every
-# test (eager calls compile each primitive anew for every part size of every split).
-@eqx.filter_jit
-def _posterior(model, x):
-    return model.posterior(x)
-
-
-@eqx.filter_jit
-def _statistics(model, x, q, weights=None):
-    return model.sufficient_statistics(x, q, weights=weights)
-
-
-@eqx.filter_jit
-def _maximize(model, stats):
-    return model.maximize(stats)
 
 
 @eqx.filter_jit

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from .._custom_types import Array, Data, Stats
-from .._data import Dataset, map_over_data, per_datum_size
+from .._data import Dataset, map_over_data, per_datum_size, weighted_sum
 from .._model import Model, is_finite_tree
 from .._objective import free_energy_from_sum
 from .._q import Categorical, normalize_table
@@ -67,9 +67,7 @@ def statistics_pass(
             stats = model.sufficient_statistics(x, q, weights=weights)
         else:
             stats = split.statistics(model, x, q, feats, weights=weights)
-        terms = log_normalizer[:, 0]
-        total = jnp.sum(jnp.where(weights > 0, weights.astype(terms.dtype) * terms, 0.0))
-        return stats, total
+        return stats, weighted_sum(log_normalizer[:, 0], weights)
 
     return data.sum(chunk, features)
 
