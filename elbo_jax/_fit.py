@@ -602,12 +602,41 @@ def _choose_solver(
     """The solver, and the rows per chunk for its passes (0: one chunk)."""
     closed_form, split = _statistics_plan(model, x, q, e_step, m_step, prior)
     if closed_form or split is not None:
-        per_datum = model.latent.num_states + _data.per_datum_size(x)
-        if split is not None:
-            per_datum += split.feature_size()
         solver = StatisticsEM(prior, m_step, closed_form=closed_form, split=split)
-        return solver, _data.default_chunk_size(per_datum)
+        return solver, _statistics_chunk_rows(solver, model, x)
     return CoordinateDescent(e_step, m_step, prior), 0
+
+
+_CHUNK_ROWS: dict[Any, int] = {}
+
+
+def _statistics_chunk_rows(solver: StatisticsEM, model: Model, x: Data) -> int:
+    """``_data.chunk_rows`` of the solver's statistics pass, cached per model structure and
+    data shape (reading the pass's jaxpr takes tens of milliseconds)."""
+    dtype = float_dtype(model)
+
+    def rows():
+        return _data.chunk_rows(lambda data: solver.pass_over(model, data), x, dtype)
+
+    def shapes(tree):
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        return treedef, tuple(
+            (leaf.shape[1:] if tree is x else leaf.shape, str(leaf.dtype))
+            if hasattr(leaf, "shape")
+            else leaf
+            for leaf in leaves
+        )
+
+    key = (shapes(model), shapes(x), solver.closed_form, solver.split, jax.default_backend())
+    try:
+        hash(key)
+    except TypeError:
+        return rows()
+    if key not in _CHUNK_ROWS:
+        if len(_CHUNK_ROWS) >= 64:
+            _CHUNK_ROWS.pop(next(iter(_CHUNK_ROWS)))
+        _CHUNK_ROWS[key] = rows()
+    return _CHUNK_ROWS[key]
 
 
 def _is_exact_discrete_em(model: Model, q: AbstractQ, e_step: Any, m_step: Any) -> bool:

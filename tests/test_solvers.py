@@ -66,6 +66,22 @@ def test_padded_size_buckets_nearby_n():
     assert _data.padded_size(8 * 5 + 3, 0, num_shards=8) == (48, 6)
 
 
+def test_chunk_rows_follow_the_widest_per_row_intermediate(monkeypatch):
+    # The rows per chunk come from the pass's widest per-row value, wherever it is made
+    # (here inside a nested jit): 999 elements per row -> 2**20 // 999 rows, rounded down
+    # to a multiple of 64; a pass with nothing wider than the data: 2**20 // 3 rows.
+    x = np.zeros((50, 3))
+    wide = jax.jit(lambda rows: jnp.sum(jnp.tile(rows, (1, 333)) ** 2))  # (rows, 999)
+
+    def pass_of(fn):
+        return lambda data: data.sum(lambda values, weights: fn(values[0]))
+
+    assert _data.chunk_rows(pass_of(wide), x, np.float64) == (2**20 // 999) // 64 * 64
+    assert _data.chunk_rows(pass_of(jnp.sum), x, np.float64) == (2**20 // 3) // 64 * 64
+    monkeypatch.setattr(_data, "_CPU_CHUNK_ELEMENTS", 2**9)  # never below the minimum
+    assert _data.chunk_rows(pass_of(wide), x, np.float64) == _data._MIN_CHUNK
+
+
 # --------------------------------------------------------------------- F in one place
 def test_statistics_path_coordinate_descent_and_free_energy_agree():
     # The built-in Poisson mixture takes its closed form on both paths: the statistics path

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import elbo_jax as ej
-from elbo_jax import _data
+from elbo_jax import _data, _fit
 from elbo_jax._solvers import _statistics_em
 from elbo_jax.models import BernoulliMixture, GaussianMixture, PoissonMixture
 
@@ -112,8 +112,12 @@ def test_fit_through_statistics_equals_fit_through_q(name, model, x):
 def test_fit_through_small_chunks_with_a_remainder(monkeypatch):
     # 2**9 elements per chunk: 256 rows, so 403 rows make one full chunk and one padded
     monkeypatch.setattr(_data, "_CPU_CHUNK_ELEMENTS", 2**9)
+    monkeypatch.setattr(_fit, "_CHUNK_ROWS", {})
     model, x = _gmm("full", 3, 2, 403)
-    assert _data.default_chunk_size(3 + 2) == 256
+    solver, rows = _fit._choose_solver(
+        model, x, ej.ExactPosterior(), ej.ExactEStep(), ej.ExactMStep(), None
+    )
+    assert rows == 256
     assert _data.padded_size(403, 256) == (512, 256)
     _assert_same_fit(*_fit_both(model, x))
 

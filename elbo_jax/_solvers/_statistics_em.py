@@ -108,6 +108,10 @@ class StatisticsEM(AbstractSolver):
             return None
         return self.split.datum_features(data.x)
 
+    def pass_over(self, model: Model, data: Dataset) -> tuple[Stats, Array]:
+        """One statistics pass over ``data`` (computing the split's features as well)."""
+        return self._pass(model, data, self._features(data))
+
     def _pass(self, model: Model, data: Dataset, features: Any) -> tuple[Stats, Array]:
         stats, total = statistics_pass(
             model, data, split=self.split, features=features, closed_form=self.closed_form

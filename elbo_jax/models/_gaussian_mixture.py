@@ -558,8 +558,11 @@ class GaussianMixture(AbstractMixture):
             scale = lambda: jnp.abs(second) + counts[:, None] * variances
 
             def exact():
-                diff = x[:, :, None] - shift.T[None]  # (N, D, K), as in the table
-                return jnp.sum(resp[:, None, :] * diff**2, axis=0).T
+                def block(xb, rb):
+                    diff = xb[:, :, None] - shift.T[None]  # (B, D, K), as in the table
+                    return jnp.sum(rb[:, None, :] * diff**2, axis=0).T
+
+                return _sum_with_responsibilities(block, x, resp, (k, d))
 
         else:
             rows, cols = _triu_indices(d)
@@ -588,8 +591,11 @@ class GaussianMixture(AbstractMixture):
             )
 
             def exact():
-                diff = x[:, None, :] - shift[None]
-                return jnp.einsum("nk,nki,nkj->kij", resp, diff, diff)
+                def block(xb, rb):
+                    diff = xb[:, None, :] - shift[None]  # (B, K, D)
+                    return jnp.einsum("nk,nki,nkj->kij", rb, diff, diff)
+
+                return _sum_with_responsibilities(block, x, resp, (k, d, d))
 
         # The terms are at most 4 S_k + 6 n_k delta_k^2 (per dimension), so the model alone
         # can vouch that they stay within 2^bits (S_k + n_k sigma_k^2).
@@ -839,6 +845,18 @@ def _sum_over_row_blocks(fn: Any, x: Array, width: int, init: Any) -> Any:
         init,
     )
     return add(total, x[num_full * size :]) if rest else total
+
+
+def _sum_with_responsibilities(fn: Any, x: Array, resp: Array, shape: tuple) -> Array:
+    r"""$\sum_b$ ``fn(x_b, r_b)`` over blocks of rows of the data and their responsibilities,
+    so that an exact fallback's ``(B, K, D)`` differences never take a whole chunk's rows."""
+    d = x.shape[1]
+    return _sum_over_row_blocks(
+        lambda rows: fn(rows[:, :d], rows[:, d:]),
+        jnp.concatenate([x, resp], axis=1),
+        d * resp.shape[1],
+        jnp.zeros(shape, resp.dtype),
+    )
 
 
 def _positive_definite(cov: Float[Array, "K D D"]) -> Float[Array, "K D D"]:
