@@ -2,6 +2,7 @@
 data, runs the solver's compiled loop, and reports: warnings, progress, ``FitResult``."""
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -33,7 +34,14 @@ from ._steps import (
     uses_closed_form,
 )
 from ._traced import Traced
-from ._validate import check_has_parameters, check_log_joint, check_model, prepare_data
+from ._validate import (
+    check_has_parameters,
+    check_log_joint,
+    check_model,
+    datum_shapes,
+    prepare_data,
+    shape_key,
+)
 
 
 class FitResult(eqx.Module):
@@ -79,8 +87,14 @@ class FitResult(eqx.Module):
 
 def _unused_key() -> Key:
     """A key for fits that draw nothing, made without compiling a seeding function."""
+    shape, dtype = _key_data_shape(str(jax.config.jax_default_prng_impl))
+    return jr.wrap_key_data(np.zeros(shape, dtype))
+
+
+@functools.cache
+def _key_data_shape(impl: str) -> tuple:
     shape = jax.eval_shape(lambda: jr.key_data(jr.key(0)))
-    return jr.wrap_key_data(np.zeros(shape.shape, shape.dtype))
+    return shape.shape, shape.dtype
 
 
 def _is_inexact_struct(leaf: Any) -> bool:
@@ -618,20 +632,10 @@ def _statistics_chunk_rows(solver: StatisticsEM, model: Model, x: Data) -> int:
     def rows():
         return _data.chunk_rows(lambda data: solver.pass_over(model, data), x, dtype)
 
-    def shapes(tree):
-        leaves, treedef = jax.tree_util.tree_flatten(tree)
-        return treedef, tuple(
-            (leaf.shape[1:] if tree is x else leaf.shape, str(leaf.dtype))
-            if hasattr(leaf, "shape")
-            else leaf
-            for leaf in leaves
-        )
-
-    key = (shapes(model), shapes(x), solver.closed_form, solver.split, jax.default_backend())
-    try:
-        hash(key)
-    except TypeError:
+    key = shape_key(model, datum_shapes(x))
+    if key is None:
         return rows()
+    key = (key, solver.closed_form, solver.split, jax.default_backend())
     if key not in _CHUNK_ROWS:
         if len(_CHUNK_ROWS) >= 64:
             _CHUNK_ROWS.pop(next(iter(_CHUNK_ROWS)))

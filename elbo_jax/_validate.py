@@ -141,8 +141,47 @@ def prepare_data(model: Model, x: Any, check: Any = None) -> Any:
     return x
 
 
+def shape_key(*trees: Any) -> Any:
+    """A hashable key of the trees' structure, array shapes and dtypes and other leaves'
+    values, or ``None`` when something in them cannot be hashed: for caches of what
+    depends on shapes only (a traced check, a jaxpr read)."""
+    key = []
+    for tree in trees:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        key.append(treedef)
+        key.extend(
+            (leaf.shape, str(leaf.dtype)) if hasattr(leaf, "dtype") else leaf for leaf in leaves
+        )
+    key = tuple(key)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def datum_shapes(x: Any) -> Any:
+    """One datum of ``x``, abstractly (``jax.ShapeDtypeStruct`` leaves)."""
+    return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), x)
+
+
+_CHECKED: dict[Any, None] = {}
+
+
 def check_log_joint(model: Model, x: Any) -> None:
-    """``log_joint`` must give a scalar for one datum and one latent value."""
+    """``log_joint`` must give a scalar for one datum and one latent value (traced once per
+    model structure and datum shape: later fits of the same shapes skip it)."""
+    key = shape_key(model, datum_shapes(x))
+    if key is not None and key in _CHECKED:
+        return
+    _check_log_joint(model, x)
+    if key is not None:
+        if len(_CHECKED) >= 256:
+            _CHECKED.pop(next(iter(_CHECKED)))
+        _CHECKED[key] = None
+
+
+def _check_log_joint(model: Model, x: Any) -> None:
     latent = model.latent
     if isinstance(latent, Discrete):
         z = jax.ShapeDtypeStruct((), latent.dtype)  # as log_joint_table enumerates it
@@ -153,7 +192,7 @@ def check_log_joint(model: Model, x: Any) -> None:
             f"{type(model).__name__}.latent must be ej.Discrete(...) or ej.Real(...), got {latent!r}"
         )
     name = type(model).__name__
-    x0 = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), x)
+    x0 = datum_shapes(x)
     shapes = jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), x)
     datum = jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape[1:]), x)
     try:
