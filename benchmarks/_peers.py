@@ -24,9 +24,9 @@ def _peer_timed(make_and_fit, x, task: dict) -> dict:
     """Warm up on a slice, time a one-iteration fit on the full data, then the full fit.
 
     The one-iteration fit (set-up, one iteration, any final pass) predicts the cost of the
-    full fit from above. A peer predicted to exceed ``peer_budget_s`` runs a two-iteration
-    fit instead of the full one: its row reports the difference (one iteration's cost
-    without the fixed costs), flagged (its log-likelihood is then not comparable). Probes on a slice proved unreliable both ways (thread start-up dominates
+    full fit from above. A peer predicted to exceed ``peer_budget_s`` is not run further:
+    its row reports the one-iteration fit, flagged (its log-likelihood is then not
+    comparable). Probes on a slice proved unreliable both ways (thread start-up dominates
     small fits; memory traffic makes big ones slower than linear).
     """
     iters, budget = task["iters"], task["peer_budget_s"]
@@ -35,17 +35,12 @@ def _peer_timed(make_and_fit, x, task: dict) -> dict:
     fitted = make_and_fit(x, 1)
     one = _now() - t
     if iters > 1 and one * iters > budget:
-        # Two iterations cost about as much as 1 + 1/iters of the full fit: the difference
-        # is one iteration without the fit's fixed costs (which elbo_jax's s/it includes).
-        t = _now()
-        fitted = make_and_fit(x, 2)
-        two = _now() - t
         note = (
-            f"ran 1 and 2 of {iters} iterations (a one-iteration fit took {one:.1f} s, so "
-            f"{iters} would exceed the {budget:.0f} s budget); s/it is the 2-iteration fit's "
-            "time minus the 1-iteration fit's (no fixed costs); log-likelihood not comparable"
+            f"ran 1 of {iters} iterations (a one-iteration fit took {one:.1f} s, so "
+            f"{iters} would exceed the {budget:.0f} s budget); s/it includes the fit's "
+            "fixed costs; log-likelihood not comparable"
         )
-        return {"fitted": fitted, "first_s": None, "warm_s": [two - one], "iters": 1, "note": note}
+        return {"fitted": fitted, "first_s": None, "warm_s": [one], "iters": 1, "note": note}
     t = _now()
     fitted = make_and_fit(x, iters)
     times = [_now() - t]

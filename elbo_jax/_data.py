@@ -25,12 +25,12 @@ from ._custom_types import Array, PyTree
 from ._statistics import AbstractStatistics, merge_statistics
 
 # Rows per chunk on CPU are chosen so that the widest per-row intermediate of a pass (read
-# from the pass's jaxpr) takes about this many elements for one chunk: 8 MB in float64.
-# Every operation of a chunk costs a fixed few microseconds, so small chunks lose on
+# from the pass's jaxpr) takes about this many elements for one chunk: 16 MB in float64.
+# Every operation of a chunk costs a fixed ~10 microseconds, so small chunks lose on
 # narrow data (a Poisson mixture with K = 8, D = 4 ran 1.9x slower at 6.5k rows than at
-# 100k); chunks much larger leave the cache (a 16-dimensional full-covariance mixture, its
-# (rows, K, D) residuals: fastest at 4k rows, 1.7x slower at 64k).
-_CPU_CHUNK_ELEMENTS = 2**20
+# 100k); much larger ones leave the cache (a 16-dimensional full-covariance mixture, its
+# (rows, 152) features: fastest at 13k-26k rows, 1.2x slower at 51k).
+_CPU_CHUNK_ELEMENTS = 2**21
 _MIN_CHUNK = 256
 # Rows of the probe whose jaxpr is read: a prime above the 512-row blocks that some exact
 # fallbacks use, so that neither a model's dimension nor a block is mistaken for rows.
@@ -241,9 +241,13 @@ def per_datum_size(x: PyTree) -> int:
     return sum(max(1, math.prod(leaf.shape[1:])) for leaf in jax.tree_util.tree_leaves(x))
 
 
-def map_over_data(fn: Callable, data: Dataset, *per_datum: PyTree) -> PyTree:
+def map_over_data(
+    fn: Callable, data: Dataset, *per_datum: PyTree, vectorize: bool = False
+) -> PyTree:
     """``fn(chunk)`` for each chunk of ``(x, *per_datum)``, its per-row outputs concatenated
-    back to ``(N_pad, ...)`` (``lax.map`` over chunks: one chunk's intermediates at a time)."""
+    back to ``(N_pad, ...)``: ``lax.map`` over chunks (one chunk's intermediates at a time),
+    or with ``vectorize`` a ``vmap`` (no loop writing into a zeroed output, but every
+    chunk's intermediates at once)."""
     values = (data.x, *per_datum)
     size, n = data.chunk_size, data.num_rows
     if size >= n:
@@ -251,5 +255,5 @@ def map_over_data(fn: Callable, data: Dataset, *per_datum: PyTree) -> PyTree:
     chunked = jax.tree_util.tree_map(
         lambda leaf: leaf.reshape(n // size, size, *leaf.shape[1:]), values
     )
-    out = jax.lax.map(fn, chunked)
+    out = jax.vmap(fn)(chunked) if vectorize else jax.lax.map(fn, chunked)
     return jax.tree_util.tree_map(lambda leaf: leaf.reshape(n, *leaf.shape[2:]), out)

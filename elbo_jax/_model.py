@@ -44,6 +44,9 @@ class Model(eqx.Module):
     - ``has_closed_form(prior)``, ``sufficient_statistics(x, q, *, weights)``,
       ``maximize(stats, prior)``, ``complete_data_statistics(num_data)``: a closed-form M-step
       from expected sufficient statistics that merge (the statistics contract, ``_statistics``);
+    - ``datum_features(x)``: data-only values of the rows ``x`` that ``log_joint_table`` and
+      ``sufficient_statistics`` take precomputed (``features=``), so that exact EM computes
+      them once per fit rather than in every pass;
     - ``check_data(x)``: raise a clear ``ValueError`` for data of the wrong shape.
     """
 
@@ -136,6 +139,16 @@ class Model(eqx.Module):
         ``merge_statistics``; a plain pytree of sums merges by addition.
         """
         raise NotImplementedError(f"{type(self).__name__} has no sufficient_statistics hook")
+
+    def datum_features(self, x: Data) -> Any:
+        """Values of the rows ``x`` that depend on the data only, which this model's
+        ``log_joint_table(x, features=...)`` and ``sufficient_statistics(x, q, ...,
+        features=...)`` take instead of computing them (with the same result), or ``None``
+        (the default): there are none. Exact EM computes them once per fit, chunk by chunk
+        as its passes read the data, when they fit its feature budget
+        (``_solvers._statistics_em``)."""
+        del x
+        return None
 
     def complete_data_statistics(self, num_data: Any) -> Stats:
         r"""The model's own expected complete-data statistics at $\theta$:

@@ -68,16 +68,17 @@ def test_padded_size_buckets_nearby_n():
 
 def test_chunk_rows_follow_the_widest_per_row_intermediate(monkeypatch):
     # The rows per chunk come from the pass's widest per-row value, wherever it is made
-    # (here inside a nested jit): 999 elements per row -> 2**20 // 999 rows, rounded down
-    # to a multiple of 64; a pass with nothing wider than the data: 2**20 // 3 rows.
+    # (here inside a nested jit): 999 elements per row -> budget // 999 rows, rounded down
+    # to a multiple of 64; a pass with nothing wider than the data: budget // 3 rows.
     x = np.zeros((50, 3))
     wide = jax.jit(lambda rows: jnp.sum(jnp.tile(rows, (1, 333)) ** 2))  # (rows, 999)
 
     def pass_of(fn):
         return lambda data: data.sum(lambda values, weights: fn(values[0]))
 
-    assert _data.chunk_rows(pass_of(wide), x, np.float64) == (2**20 // 999) // 64 * 64
-    assert _data.chunk_rows(pass_of(jnp.sum), x, np.float64) == (2**20 // 3) // 64 * 64
+    budget = _data._CPU_CHUNK_ELEMENTS
+    assert _data.chunk_rows(pass_of(wide), x, np.float64) == (budget // 999) // 64 * 64
+    assert _data.chunk_rows(pass_of(jnp.sum), x, np.float64) == (budget // 3) // 64 * 64
     monkeypatch.setattr(_data, "_CPU_CHUNK_ELEMENTS", 2**9)  # never below the minimum
     assert _data.chunk_rows(pass_of(wide), x, np.float64) == _data._MIN_CHUNK
 

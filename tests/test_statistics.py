@@ -122,6 +122,28 @@ def test_fit_through_small_chunks_with_a_remainder(monkeypatch):
     _assert_same_fit(*_fit_both(model, x))
 
 
+def test_kept_features_give_the_fit_computed_without_them(monkeypatch):
+    # A full-covariance GMM in float64 keeps its quadratic features for the whole fit
+    # (computed chunk by chunk about each chunk's mean, 3 chunks and a padded remainder):
+    # the same fit as recomputing them in every pass, and as the q path.
+    monkeypatch.setattr(_data, "_CPU_CHUNK_ELEMENTS", 2**10)
+    monkeypatch.setattr(_fit, "_CHUNK_ROWS", {})
+    model, x = _gmm("full", 3, 4, 700, offset=30.0)
+    solver, rows = _fit._choose_solver(
+        model, x, ej.ExactPosterior(), ej.ExactEStep(), ej.ExactMStep(), None
+    )
+    data = _data.make_dataset(jnp.asarray(x), np.float64, rows)
+    assert data.num_rows // data.chunk_size == 3
+    kept = solver._features(model, data)
+    assert kept.shape == (data.num_rows, 4 * 5 // 2 + 4)
+    with_features = ej.fit(model, x, tol=0.0, max_iters=6)
+    monkeypatch.setattr(_statistics_em, "FEATURE_BUDGET_BYTES", 0)
+    monkeypatch.setattr(_statistics_em, "MAX_FEATURE_RATIO", 0)
+    assert solver._features(model, data) is None
+    _assert_same_fit(with_features, ej.fit(model, x, tol=0.0, max_iters=6))
+    _assert_same_fit(with_features, ej.fit(model, x, q=ej.Categorical(), tol=0.0, max_iters=6))
+
+
 def test_map_fit_through_statistics():
     model, x = _gmm("diag", 3, 2, 150)
     prior = ej.models.GaussianMixturePrior.from_data(x)
@@ -195,6 +217,13 @@ def test_gmm_table_and_statistics_on_every_branch(covariance_type, k, d, dtype, 
         np.testing.assert_allclose(
             getattr(stats, key), value, rtol=rtol, atol=rtol * scale, err_msg=key
         )
+    # The hooks given their own precomputed features give the same (bitwise: same maths).
+    features = model.datum_features(x)
+    if features is not None:
+        assert covariance_type == "full" and dtype == np.float64
+        np.testing.assert_array_equal(model.log_joint_table(x, features=features), table)
+        given = model.sufficient_statistics(x, q, features=features)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, given, stats)
 
 
 def test_kmeans_start_covariances_are_cluster_scatters():

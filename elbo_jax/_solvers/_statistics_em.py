@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from .._custom_types import Array, Data, Stats
-from .._data import Dataset, map_over_data, per_datum_size, weighted_sum
+from .._data import Dataset, map_over_data, weighted_sum
 from .._model import Model, is_finite_tree
 from .._objective import free_energy_from_sum
 from .._q import Categorical, normalize_table
@@ -32,20 +32,28 @@ from .._steps import (
 )
 from ._base import AbstractSolver
 
-# The found split's per-datum features are computed once per fit unless they would take
-# more than this many times the data's memory (then each pass computes them per chunk).
+# Data-only per-datum features (the found split's, or a model's ``datum_features``) are
+# computed once per fit when they take at most this many times the data's memory, or at
+# most FEATURE_BUDGET_BYTES (per device); otherwise each pass computes them per chunk.
+# Keeping them costs memory and saves their computation in every pass: the quadratic
+# features of a 16-dimensional full-covariance mixture (9.5x the data) take a sixth of a
+# pass to build.
 MAX_FEATURE_RATIO = 4
+FEATURE_BUDGET_BYTES = 2**28
 
 
 def _has_table_hook(model: Model) -> bool:
     return type(model).log_joint_table is not Model.log_joint_table
 
 
-def log_joint_table(model: Model, x: Data, split: Any, features: tuple | None) -> Array:
+def log_joint_table(model: Model, x: Data, split: Any, features: Any) -> Array:
     """The log-joint table: from the split's features unless the model's own hook is to be
-    preferred (see ``Model._table_from_features``)."""
+    preferred (see ``Model._table_from_features``); the model's hook takes its own
+    ``datum_features`` when they were kept."""
     if split is not None and (model._table_from_features or not _has_table_hook(model)):
         return split.table(model, x, features)
+    if split is None and features is not None:
+        return model.log_joint_table(x, features=features)
     return model.log_joint_table(x)
 
 
@@ -63,7 +71,9 @@ def statistics_pass(
     def chunk(values, weights):
         x, feats = values
         log_normalizer, q = normalize_table(log_joint_table(model, x, split, feats))
-        if closed_form:
+        if closed_form and feats is not None and split is None:
+            stats = model.sufficient_statistics(x, q, weights=weights, features=feats)
+        elif closed_form:
             stats = model.sufficient_statistics(x, q, weights=weights)
         else:
             stats = split.statistics(model, x, q, feats, weights=weights)
@@ -101,16 +111,33 @@ class StatisticsEM(AbstractSolver):
     def monotone(self) -> bool:
         return True
 
-    def _features(self, data: Dataset) -> Any:
-        if self.split is None:
+    def _features(self, model: Model, data: Dataset) -> Any:
+        """The data-only features kept for the fit (see ``FEATURE_BUDGET_BYTES``): the
+        split's, or the model's own ``datum_features`` computed chunk by chunk (a model's
+        may depend on the rows taken together, such as their mean); ``None`` if there are
+        none or they are over the budget."""
+        if self.split is not None:
+            compute = lambda: self.split.datum_features(data.x)
+        elif self.closed_form:
+            compute = lambda: map_over_data(
+                lambda values: model.datum_features(values[0]), data, vectorize=True
+            )
+        else:
             return None
-        if self.split.feature_size() > MAX_FEATURE_RATIO * per_datum_size(data.x):
+        shapes = jax.eval_shape(compute)
+        if not jax.tree_util.tree_leaves(shapes):
             return None
-        return self.split.datum_features(data.x)
+        size = sum(s.size * s.dtype.itemsize for s in jax.tree_util.tree_leaves(shapes))
+        data_size = sum(
+            leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(data.x)
+        )
+        if size > max(MAX_FEATURE_RATIO * data_size, FEATURE_BUDGET_BYTES):
+            return None
+        return compute()
 
     def pass_over(self, model: Model, data: Dataset) -> tuple[Stats, Array]:
         """One statistics pass over ``data`` (computing the split's features as well)."""
-        return self._pass(model, data, self._features(data))
+        return self._pass(model, data, self._features(model, data))
 
     def _pass(self, model: Model, data: Dataset, features: Any) -> tuple[Stats, Array]:
         stats, total = statistics_pass(
@@ -119,7 +146,7 @@ class StatisticsEM(AbstractSolver):
         return stats, free_energy_from_sum(total, model, self.prior, data.num_data)
 
     def init(self, model, q, data, key):
-        features = self._features(data)
+        features = self._features(model, data)
         shapes = jax.eval_shape(lambda m: self._pass(m, data, features), model)
         stats, objective = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return StatisticsState(model, stats, features), jnp.full_like(objective, jnp.nan)

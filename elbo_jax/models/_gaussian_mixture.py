@@ -171,11 +171,11 @@ def _unless_far(
 
 def _centre(x: Float[Array, "N D"]) -> Float[Array, " D"]:
     r"""The common centre $c$ of the expansions: the mean of the rows at hand. It depends on
-    the data only, so the features about it are the same in every iteration of a fit and
-    XLA computes them once, outside the fit's loop (a centre that moved with $\theta$ cost
-    a third more time per iteration on a 16-dimensional full-covariance mixture); the table
-    and the statistics of a chunk share them. Padded rows (copies of a datum) move it a
-    little, which only shifts where the expansion is taken."""
+    the data only, so the features about it are the same in every iteration of a fit
+    (``GaussianMixture.datum_features``: exact EM keeps them; a centre that moved with
+    $\theta$ cost a third more time per iteration on a 16-dimensional full-covariance
+    mixture); the table and the statistics of a chunk share them. Padded rows (copies of a
+    datum) move it a little, which only shifts where the expansion is taken."""
     return jnp.mean(x, axis=0)
 
 
@@ -411,7 +411,21 @@ class GaussianMixture(AbstractMixture):
         log_det = jnp.sum(self._log_precision_diag[z])
         return self.log_weights[z] - 0.5 * self.dim * _LOG_2PI + log_det - 0.5 * jnp.sum(y**2)
 
-    def log_joint_table(self, x: Float[Array, "N D"]) -> LogTable:
+    def datum_features(self, x: Float[Array, "N D"]) -> Array | None:
+        r"""The products $[\tilde x_i\tilde x_j\ (i \le j), \tilde x]$ that the full-covariance
+        table and statistics read in float64 (with $\tilde x_n = x_n - c$ about the rows'
+        mean $c$), ``(N, D(D+1)/2 + D)``: building them takes about a sixth of a pass, so
+        exact EM keeps them when they fit its budget. ``None`` otherwise: the diagonal
+        features $[\tilde x^2, \tilde x]$ are one elementwise pass (measured: no faster
+        read back than recomputed, and twice the data's memory), and full covariances in
+        float32 (or with $D(D+1)/2 > KD$) use the differences $x_n - \mu_k$."""
+        if self.covariance_type != "full" or not _use_quadratic_features(
+            self.dim, self.num_components, self.loc.dtype
+        ):
+            return None
+        return _features(x - _centre(x)[None], "full")
+
+    def log_joint_table(self, x: Float[Array, "N D"], *, features: Array | None = None) -> LogTable:
         r"""The table $T_{nk} = \log w_k + \log\mathcal N(x_n\mid\mu_k,\Sigma_k)$, ``(N, K)``.
 
         The quadratic forms are expanded about the rows' mean $c$ (``_centre``), with
@@ -433,6 +447,8 @@ class GaussianMixture(AbstractMixture):
         from the exact differences $x_n - \mu_k$ instead (a few times slower; under ``vmap``
         over models both are computed). The full $(N, D) \times (D, KD)$ path loses only
         about $\log_2\sqrt{B_k/Q_{nk}}$ bits (the differences are formed before squaring).
+
+        ``features``: ``datum_features(x)`` of these rows, if already computed.
         """
         x = self._as_data(x)  # a hook on prepared data: the evaluation functions check x
         c = _centre(x)
@@ -445,7 +461,9 @@ class GaussianMixture(AbstractMixture):
             p2 = p**2
             weight = jnp.concatenate([p2, -2 * delta * p2], axis=1)  # (K, 2D)
             far = jnp.sum(delta**2 * p2, axis=-1)  # B_k
-            quad = jnp.maximum(_features(xc, "diag") @ weight.T + far[None], 0.0)
+            if features is None:
+                features = _features(xc, "diag")
+            quad = jnp.maximum(features @ weight.T + far[None], 0.0)
 
             def exact():
                 def rows(xb):  # (B, D, K): the reduction over D runs along contiguous K
@@ -461,7 +479,9 @@ class GaussianMixture(AbstractMixture):
             upper = 2 * precision - precision * _eye(d, x.dtype)[None]
             p_delta = jnp.einsum("kij,kj->ki", precision, delta)
             weight = jnp.concatenate([upper[:, rows, cols], -2 * p_delta], axis=1)  # (K, T + D)
-            quad = _features(xc, "full") @ weight.T + jnp.sum(p_delta * delta, axis=-1)[None]
+            if features is None:
+                features = _features(xc, "full")
+            quad = features @ weight.T + jnp.sum(p_delta * delta, axis=-1)[None]
             quad = jnp.maximum(quad, 0.0)
             # (sum_i sqrt(P_ii) |delta_i|)^2 bounds sum_ij |P_ij delta_i delta_j|, the size of
             # the constant term, and with it that of the terms linear in x (Cauchy-Schwarz).
@@ -505,7 +525,12 @@ class GaussianMixture(AbstractMixture):
         return prior is None or isinstance(prior, GaussianMixturePrior)
 
     def sufficient_statistics(
-        self, x: Float[Array, "N D"], q: Any, *, weights: Float[Array, " N"] | None = None
+        self,
+        x: Float[Array, "N D"],
+        q: Any,
+        *,
+        weights: Float[Array, " N"] | None = None,
+        features: Array | None = None,
     ) -> GaussianMixtureStatistics:
         r"""Expected statistics about the current means $a_k = \mu_k$ (carried as the shift):
         $n_k = \sum_n v_n r_{nk}$, $s_k = \sum_n v_n r_{nk}(x_n - a_k)$ and
@@ -515,13 +540,14 @@ class GaussianMixture(AbstractMixture):
         ``GaussianMixtureStatistics``: statistics of other data, or of other models, merge.
 
         They are matmuls of the responsibilities against the data-only features about the
-        mixture's mean $c$ (as ``log_joint_table``), moved to $a_k$ with
+        rows' mean $c$ (as ``log_joint_table``), moved to $a_k$ with
         $\delta_k = a_k - c$: $s_k = \tilde s_k - n_k\delta_k$, $S_k = \tilde S_k -
         \tilde s_k\delta_k^\top - \delta_k\tilde s_k^\top + n_k\delta_k\delta_k^\top$. Full
         covariances in float32 (or with $D(D+1)/2 > KD$) use the differences $x_n - a_k$.
         Where the move would lose more than 12 bits (float32; float64: 16) of $S_k$ (its terms,
         per dimension, exceed $2^{12}(|S_{k,dd}| + n_k\Sigma_{k,dd})$), $S_k$ comes from the
-        differences instead.
+        differences instead. ``features``: ``datum_features(x)`` of these rows, if already
+        computed.
         """
         q = q.resolve(self, x)
         dtype = self.loc.dtype
@@ -546,7 +572,9 @@ class GaussianMixture(AbstractMixture):
         c = _centre(x)
         xc = x - c[None]
         delta = shift - c[None]
-        sums = resp.T @ _features(xc, self.covariance_type)  # one matmul: [second, first]
+        if features is None:
+            features = _features(xc, self.covariance_type)
+        sums = resp.T @ features  # one matmul: [second, first]
         first_c = sums[:, -d:]
         first = first_c - counts[:, None] * delta
         if not full:
