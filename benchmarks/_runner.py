@@ -42,7 +42,7 @@ def _settings(quick: bool) -> dict:
         "peer_repeats": 1 if quick else 2,
         "cheap_s": float(env("ELBO_JAX_BENCH_CHEAP_S", 10 if quick else 30)),
         "peer_cheap_s": 10.0,
-        "peer_budget_s": float(env("ELBO_JAX_BENCH_PEER_BUDGET_S", 15 if quick else 90)),
+        "peer_budget_s": float(env("ELBO_JAX_BENCH_PEER_BUDGET_S", 15 if quick else 150)),
         "timeout_s": float(env("ELBO_JAX_BENCH_TIMEOUT_S", 300 if quick else 600)),
     }
 
