@@ -58,11 +58,13 @@ def test_sum_over_data_of_padded_chunks_is_the_plain_sum(n, chunk):
 
 
 def test_padded_size_buckets_nearby_n():
-    # Small data: sixteen buckets per power of two, so nearby N share a size; large data: whole chunks.
+    # Small data: eight buckets per power of two, so nearby N share a size; large data: the
+    # fewest chunks of at most about chunk_size rows, in sixteen buckets per power of two.
     assert _data.padded_size(1000, 0) == _data.padded_size(990, 0)
     rows, chunk = _data.padded_size(1000, 0)
     assert rows == chunk and 1000 <= rows <= 1000 * 9 / 8
     assert _data.padded_size(10_001, 512) == (10_240, 512)
+    assert _data.padded_size(100_000, 13_760) == (102_400, 12_800)  # not 8 x 13,760
     assert _data.padded_size(8 * 5 + 3, 0, num_shards=8) == (48, 6)
 
 

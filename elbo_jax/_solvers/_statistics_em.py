@@ -119,9 +119,7 @@ class StatisticsEM(AbstractSolver):
         if self.split is not None:
             compute = lambda: self.split.datum_features(data.x)
         elif self.closed_form:
-            compute = lambda: map_over_data(
-                lambda values: model.datum_features(values[0]), data, vectorize=True
-            )
+            compute = lambda: map_over_data(lambda values: model.datum_features(values[0]), data)
         else:
             return None
         shapes = jax.eval_shape(compute)
