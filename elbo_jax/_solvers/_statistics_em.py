@@ -64,14 +64,16 @@ def statistics_pass(
 
     The statistics are the model's ``sufficient_statistics`` (``closed_form``) or those that
     ``split`` (an ``_autostats.AffineSplit`` of ``log_joint``) finds; ``features`` are the
-    split's ``datum_features`` of the data rows, computed once per fit (or ``None``: per
-    chunk). Reduced by ``sum_over_data``: chunk by chunk, merged, across devices if sharded.
+    data rows' features kept for the fit (``StatisticsEM._features``: the split's, or else
+    the model's own ``datum_features``), or ``None``: each chunk computes what it needs.
+    Reduced by ``sum_over_data``: chunk by chunk, merged, across devices if sharded.
     """
+    own = split is None and features is not None  # the model's own datum_features
 
     def chunk(values, weights):
         x, feats = values
         log_normalizer, q = normalize_table(log_joint_table(model, x, split, feats))
-        if closed_form and feats is not None and split is None:
+        if closed_form and own:
             stats = model.sufficient_statistics(x, q, weights=weights, features=feats)
         elif closed_form:
             stats = model.sufficient_statistics(x, q, weights=weights)
