@@ -89,6 +89,21 @@ def test_data_of_extra_rank_for_scalar_model():
         ej.fit(COINS, np.stack([X_COINS, X_COINS], axis=1))
 
 
+def test_a_checked_shape_is_remembered_and_a_new_one_still_checked():
+    # The log_joint check is traced once per model structure and datum shape: a second fit
+    # of the same shapes skips it, a fit of another datum shape is checked again.
+    from elbo_jax import _validate
+
+    ej.fit(COINS, X_COINS, max_iters=2)
+    checked = len(_validate._CHECKED)
+    ej.fit(COINS, X_COINS[:10], max_iters=2)  # the same datum shape
+    assert len(_validate._CHECKED) == checked
+    for _ in range(2):  # a failed check is not remembered
+        with pytest.raises(TypeError, match=r"must return a scalar.*got shape \(2,\)"):
+            ej.fit(COINS, np.stack([X_COINS, X_COINS], axis=1))
+        assert len(_validate._CHECKED) == checked
+
+
 # ------------------------------------------------------------------------- model
 def test_model_not_an_ej_model():
     with pytest.raises(
