@@ -26,6 +26,7 @@ from jax.extend import core as jex_core
 from ._custom_types import Array, Data, Stats
 from ._latent import Discrete
 from ._model import Model
+from ._validate import datum_shapes, remembered
 
 # Primitives that are linear in every operand: affine inputs give an affine output.
 _LINEAR = {
@@ -237,7 +238,6 @@ class AffineSplit(eqx.Module):
 
 
 _CACHE: dict[Any, AffineSplit | None] = {}
-_CACHE_SIZE = 64
 
 
 def affine_split(model: Model, x: Data) -> AffineSplit | None:
@@ -248,22 +248,17 @@ def affine_split(model: Model, x: Data) -> AffineSplit | None:
     """
     if not isinstance(model.latent, Discrete):
         return None
-    x_avals = tuple(
-        jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype) for leaf in jax.tree_util.tree_leaves(x)
-    )
+    x_avals = tuple(jax.tree_util.tree_leaves(datum_shapes(x)))
     params, static = eqx.partition(model, eqx.is_inexact_array)
     shapes = tuple((leaf.shape, str(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(params))
+    # ``static`` by value: its arrays (integer ones) are constants of the analysed jaxpr.
     key = (jax.tree_util.tree_structure(params), shapes, jax.tree_util.tree_structure(x))
-    try:
-        hash((key, static))
-    except TypeError:
-        return _analyse(model, x_avals)
     key = (key, static, x_avals)
-    if key not in _CACHE:
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = _analyse(model, x_avals)
-    return _CACHE[key]
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    return remembered(_CACHE, key, lambda: _analyse(model, x_avals))
 
 
 def _analyse(model: Model, x_avals: tuple) -> AffineSplit | None:

@@ -40,6 +40,7 @@ from ._validate import (
     check_model,
     datum_shapes,
     prepare_data,
+    remembered,
     shape_key,
 )
 
@@ -633,14 +634,9 @@ def _statistics_chunk_rows(solver: StatisticsEM, model: Model, x: Data) -> int:
         return _data.chunk_rows(lambda data: solver.pass_over(model, data), x, dtype)
 
     key = shape_key(model, datum_shapes(x))
-    if key is None:
-        return rows()
-    key = (key, solver.closed_form, solver.split, jax.default_backend())
-    if key not in _CHUNK_ROWS:
-        if len(_CHUNK_ROWS) >= 64:
-            _CHUNK_ROWS.pop(next(iter(_CHUNK_ROWS)))
-        _CHUNK_ROWS[key] = rows()
-    return _CHUNK_ROWS[key]
+    if key is not None:
+        key = (key, solver.closed_form, solver.split, jax.default_backend())
+    return remembered(_CHUNK_ROWS, key, rows)
 
 
 def _is_exact_discrete_em(model: Model, q: AbstractQ, e_step: Any, m_step: Any) -> bool:

@@ -2,6 +2,7 @@
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -160,6 +161,20 @@ def shape_key(*trees: Any) -> Any:
     return key
 
 
+def remembered(store: dict, key: Any, compute: Callable[[], Any], limit: int = 64) -> Any:
+    """``compute()``, kept in ``store`` under ``key`` for later calls (the oldest entry is
+    dropped beyond ``limit``); computed afresh when ``key`` is ``None``. Nothing is kept
+    when ``compute`` raises."""
+    if key is None:
+        return compute()
+    if key not in store:
+        value = compute()
+        if len(store) >= limit:
+            store.pop(next(iter(store)))
+        store[key] = value
+    return store[key]
+
+
 def datum_shapes(x: Any) -> Any:
     """One datum of ``x``, abstractly (``jax.ShapeDtypeStruct`` leaves)."""
     return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), x)
@@ -171,14 +186,7 @@ _CHECKED: dict[Any, None] = {}
 def check_log_joint(model: Model, x: Any) -> None:
     """``log_joint`` must give a scalar for one datum and one latent value (traced once per
     model structure and datum shape: later fits of the same shapes skip it)."""
-    key = shape_key(model, datum_shapes(x))
-    if key is not None and key in _CHECKED:
-        return
-    _check_log_joint(model, x)
-    if key is not None:
-        if len(_CHECKED) >= 256:
-            _CHECKED.pop(next(iter(_CHECKED)))
-        _CHECKED[key] = None
+    remembered(_CHECKED, shape_key(model, datum_shapes(x)), lambda: _check_log_joint(model, x), 256)
 
 
 def _check_log_joint(model: Model, x: Any) -> None:

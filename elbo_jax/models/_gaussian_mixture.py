@@ -461,9 +461,7 @@ class GaussianMixture(AbstractMixture):
             p2 = p**2
             weight = jnp.concatenate([p2, -2 * delta * p2], axis=1)  # (K, 2D)
             far = jnp.sum(delta**2 * p2, axis=-1)  # B_k
-            if features is None:
-                features = _features(xc, "diag")
-            quad = jnp.maximum(features @ weight.T + far[None], 0.0)
+            quad = jnp.maximum(_features(xc, "diag") @ weight.T + far[None], 0.0)
 
             def exact():
                 def rows(xb):  # (B, D, K): the reduction over D runs along contiguous K
