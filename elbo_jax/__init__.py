@@ -7,8 +7,11 @@ from . import models as models
 from ._fit import FitResult as FitResult
 from ._fit import Status as Status
 from ._fit import fit as fit
+from ._chain import ChainPosterior as ChainPosterior
 from ._latent import AbstractLatent as AbstractLatent
+from ._latent import Chain as Chain
 from ._latent import Discrete as Discrete
+from ._latent import GaussianChain as GaussianChain
 from ._latent import Real as Real
 from ._model import Model as Model
 from ._objective import free_energy as free_energy
@@ -28,6 +31,7 @@ from ._q import (
 from ._q import (
     PointMass as PointMass,
 )
+from ._sequences import Sequences as Sequences
 from ._statistics import AbstractStatistics as AbstractStatistics
 from ._statistics import merge_statistics as merge_statistics
 from ._statistics import scale_statistics as scale_statistics

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._custom_types import Array, PyTree
-from ._statistics import AbstractStatistics, merge_statistics
+from ._statistics import is_statistics, merge_statistics
 
 # Rows per chunk on CPU are chosen so that the widest per-row intermediate of a pass (read
 # from the pass's jaxpr) takes about this many elements for one chunk: 16 MB in float64.
@@ -105,7 +105,7 @@ def sum_over_data(
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
         def body(carry, chunk):
-            return _merge(carry, fn(*chunk)), None
+            return merge_statistics(carry, fn(*chunk)), None
 
         total, _ = jax.lax.scan(body, zeros, chunked)
     if axis_name is not None:
@@ -119,20 +119,12 @@ def weighted_sum(values: Array, weights: Array) -> Array:
     return jnp.sum(jnp.where(weights > 0, weights.astype(values.dtype) * values, 0.0))
 
 
-def _is_statistics(node: Any) -> bool:
-    return isinstance(node, AbstractStatistics)
-
-
-def _merge(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(merge_statistics, a, b, is_leaf=_is_statistics)
-
-
 def _merge_across(total: PyTree, axis_name: str) -> PyTree:
     """Merge each device's ``total`` over the mesh axis: ``psum`` for plain sums; statistics
     with their own ``merge`` are gathered and merged (they are small)."""
 
     def across(node):
-        if not _is_statistics(node):
+        if not is_statistics(node):
             return jax.lax.psum(node, axis_name)
         gathered = jax.lax.all_gather(node, axis_name)
         size = jax.tree_util.tree_leaves(gathered)[0].shape[0]
@@ -141,7 +133,7 @@ def _merge_across(total: PyTree, axis_name: str) -> PyTree:
             out = out.merge(jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], gathered))
         return out
 
-    return jax.tree_util.tree_map(across, total, is_leaf=_is_statistics)
+    return jax.tree_util.tree_map(across, total, is_leaf=is_statistics)
 
 
 # ------------------------------------------------------------------ padding on the host

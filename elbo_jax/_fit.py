@@ -17,7 +17,7 @@ import numpy as np
 from . import _data
 from ._autostats import affine_split
 from ._custom_types import Array, Data, Key
-from ._latent import Discrete
+from ._latent import Chain, Discrete, GaussianChain
 from ._model import Model, float_dtype
 from ._objective import Prior
 from ._q import AbstractQ, ExactPosterior, num_data
@@ -639,26 +639,30 @@ def _statistics_chunk_rows(solver: StatisticsEM, model: Model, x: Data) -> int:
     return remembered(_CHUNK_ROWS, key, rows)
 
 
-def _is_exact_discrete_em(model: Model, q: AbstractQ, e_step: Any, m_step: Any) -> bool:
+def _is_exact_em(model: Model, q: AbstractQ, e_step: Any, m_step: Any) -> bool:
     return (
         isinstance(q, ExactPosterior)
         and isinstance(e_step, ExactEStep)
         and isinstance(m_step, ExactMStep)
         and m_step.use_closed_form
-        and isinstance(model.latent, Discrete)
+        and isinstance(model.latent, (Discrete, Chain, GaussianChain))
     )
 
 
 def _statistics_plan(
     model: Model, x: Data, q: AbstractQ, e_step: Any, m_step: Any, prior: Prior
 ) -> tuple[bool, Any]:
-    """``(closed_form, split)`` for exact EM on a Discrete model, which runs as statistics
-    passes when either is set: the model's closed-form M-step, and the ``log_joint`` split
-    into data features (the table from features computed once; with no closed form, also
-    the statistics). ``(False, None)`` otherwise: the fit carries q."""
-    if not _is_exact_discrete_em(model, q, e_step, m_step):
+    """``(closed_form, split)`` for exact EM, which runs as statistics passes when either is
+    set: the model's closed-form M-step (Discrete and chain latents), and, for a Discrete
+    latent, the ``log_joint`` split into data features (the table from features computed
+    once; with no closed form, also the statistics). ``(False, None)`` otherwise: the fit
+    carries q."""
+    if not _is_exact_em(model, q, e_step, m_step):
         return False, None
-    return uses_closed_form(model, prior, m_step.trainable), affine_split(model, x)
+    closed_form = uses_closed_form(model, prior, m_step.trainable)
+    if not isinstance(model.latent, Discrete):
+        return closed_form, None
+    return closed_form, affine_split(model, x)
 
 
 def _fit_with_progress(solver, model, q, data, key, tol, max_iters: int, mesh):

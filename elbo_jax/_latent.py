@@ -73,3 +73,51 @@ class Real(AbstractLatent):
     def size(self) -> int:
         """Number of scalar entries in z."""
         return math.prod(self.shape)
+
+
+class Chain(AbstractLatent):
+    r"""z is a path $z_{0:T-1}$ of a Markov chain over ``num_states`` states, one state per
+    frame of a sequence (one datum is one sequence: ``ej.Sequences``).
+
+    The model gives the chain's factors, and elbo_jax does exact inference by
+    forward–backward (the E-step), Viterbi (the mode) and their sums over sequences:
+
+    - ``initial_log_probs()``: $\log p(z_0 = k)$, ``(K,)``;
+    - ``transition_log_probs()``: $[i, j] = \log p(z_{t+1} = j \mid z_t = i)$, ``(K, K)``;
+    - ``emission_log_table(frames)``: $[n, t, k] = \log p(x_{n,t} \mid z_t = k)$ for frames
+      ``(N, T, ...)``, ``(N, T, K)``.
+
+    ``ej.models.HMM`` provides all three from an emission log-density for one frame.
+    """
+
+    num_states: int = eqx.field(static=True, converter=_to_int)
+
+    @property
+    def dtype(self):
+        """The dtype of the states in a path (``jnp.argmax``'s: int32, or int64 with x64)."""
+        return jax.dtypes.canonicalize_dtype(np.int64)
+
+    def __check_init__(self):
+        if not _is_integer(self.num_states):
+            raise TypeError(f"Chain(num_states) needs an int, got {self.num_states!r}")
+        if self.num_states < 1:
+            raise ValueError(f"Chain(num_states) needs num_states >= 1, got {self.num_states}")
+
+
+class GaussianChain(AbstractLatent):
+    r"""z is a sequence of real states $z_{0:T-1}$, each of size ``state_dim``, that follow a
+    linear-Gaussian Markov chain (one datum is one sequence: ``ej.Sequences``). Exact
+    inference is Kalman filtering and RTS smoothing (``ej.models.LinearGaussianSSM``)."""
+
+    state_dim: int = eqx.field(static=True, converter=_to_int)
+
+    def __check_init__(self):
+        if not _is_integer(self.state_dim) or self.state_dim < 1:
+            raise ValueError(
+                f"GaussianChain(state_dim) needs a positive int, got {self.state_dim!r}"
+            )
+
+
+def is_sequence_latent(latent: AbstractLatent) -> bool:
+    """Whether one datum of a model with this latent space is a whole sequence."""
+    return isinstance(latent, (Chain, GaussianChain))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from ._custom_types import Array, Data, LogTable, PerDatum, Scalar, Stats
-from ._latent import AbstractLatent, Discrete
+from ._latent import AbstractLatent, Chain, Discrete
 
 if TYPE_CHECKING:
     from ._q import AbstractQ
@@ -41,6 +41,7 @@ class Model(eqx.Module):
     - ``posterior(x)``: the exact $p(z \mid x_n)$ as a recognition distribution
       (required for an exact E-step with a ``Real`` latent);
     - ``log_marginal(x)``: $\log p(x_n \mid \theta)$ per datum (``Real`` latents);
+    - ``exact_posterior(x)``: both at once, ``(log_marginal, posterior)``;
     - ``has_closed_form(prior)``, ``sufficient_statistics(x, q, *, weights)``,
       ``maximize(stats, prior)``, ``complete_data_statistics(num_data)``: a closed-form M-step
       from expected sufficient statistics that merge (the statistics contract, ``_statistics``);
@@ -59,6 +60,10 @@ class Model(eqx.Module):
     # to take that path too; hooks that are more careful than log_joint (the Gaussian
     # mixture's centring) keep the default, False.
     _table_from_features: ClassVar[bool] = False
+
+    #: NaN entries of the data mark missing observations that the model skips exactly
+    #: (``LinearGaussianSSM``); otherwise NaN in the data is an error.
+    missing_values: ClassVar[bool] = False
 
     @abc.abstractmethod
     def log_joint(self, x: Any, z: Any) -> Scalar:
@@ -93,6 +98,10 @@ class Model(eqx.Module):
         if isinstance(latent, Discrete):
             table = self.log_joint_table(x)
             return Categorical(table - jax.nn.logsumexp(table, axis=-1, keepdims=True))
+        if isinstance(latent, Chain):
+            from ._chain import chain_posterior
+
+            return chain_posterior(self, x)[1]
         raise NotImplementedError(
             f"{type(self).__name__} has a {type(latent).__name__} latent and no `posterior` hook, "
             "so it has no exact E-step. Use q=ej.Gaussian() with e_step=ej.GradientEStep(...), "
@@ -104,10 +113,31 @@ class Model(eqx.Module):
         latent = self.latent
         if isinstance(latent, Discrete):
             return jax.nn.logsumexp(self.log_joint_table(x), axis=-1)
+        if isinstance(latent, Chain):
+            from ._chain import chain_log_marginal
+
+            return chain_log_marginal(self, x)
         raise NotImplementedError(
             f"{type(self).__name__} has a {type(latent).__name__} latent and no `log_marginal` "
             "hook, so log p(x | θ) is not available; free_energy gives an upper bound on -log p(x)."
         )
+
+    def exact_posterior(self, x: Data) -> "tuple[PerDatum, AbstractQ]":
+        r"""$\log p(x_n \mid \theta)$ ``(N,)`` and the exact posterior $p(z \mid x_n, \theta)$
+        together, as one pass of inference computes them (enumeration, forward–backward);
+        by default from ``log_marginal`` and ``posterior``. A model whose posterior gives
+        its normaliser on the way (a Kalman smoother) overrides it."""
+        latent = self.latent
+        if isinstance(latent, Discrete):
+            from ._q import normalize_table
+
+            log_normalizer, q = normalize_table(self.log_joint_table(x))
+            return log_normalizer[:, 0], q
+        if isinstance(latent, Chain):
+            from ._chain import chain_posterior
+
+            return chain_posterior(self, x)
+        return self.log_marginal(x), self.posterior(x)
 
     def m_step_penalty(self) -> Scalar:
         r"""$P(\theta) \ge 0$ (per datum) such that the closed-form M-step is exact EM on

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from ._custom_types import Array, Data, Key, LogTable, PerDatum
-from ._latent import AbstractLatent, Discrete, Real
+from ._latent import AbstractLatent, Chain, Discrete, Real
 from ._model import Model
 from ._validate import is_integer, to_python_number
 
@@ -198,7 +198,7 @@ class PointMass(AbstractQ):
     r"""A point mass $q_n = \delta(z - \hat z_n)$: hard EM.
 
     Its exact E-step is the posterior mode: $\hat z_n = \arg\max_z \log p(x_n, z)$ for
-    ``Discrete`` latents, and the mode of the model's ``posterior`` for ``Real`` ones
+    ``Discrete`` latents, the Viterbi path for ``Chain`` ones, and the mode of the model's ``posterior`` for ``Real`` ones
     (or fit it with ``ej.GradientEStep``). The entropy term is taken as zero, so
     $F = -\frac1N\sum_n \log p(x_n, \hat z_n)$: the hard-EM ("classification") objective.
     """
@@ -229,7 +229,7 @@ class PointMass(AbstractQ):
         if self.value is not None:
             self.check(latent, n)
             return self
-        if isinstance(latent, Discrete):
+        if isinstance(latent, (Discrete, Chain)):
             return self.exact_update(model, x)
         if isinstance(latent, Real):
             from ._model import float_dtype
@@ -242,6 +242,10 @@ class PointMass(AbstractQ):
         if isinstance(latent, Discrete):
             table = _table_or_compute(model, x, table)
             return PointMass(jnp.argmax(table, axis=-1), latent.num_states)
+        if isinstance(latent, Chain):
+            from ._chain import chain_mode
+
+            return PointMass(chain_mode(model, x)[0])
         posterior = model.posterior(x)
         mode = posterior.mean.reshape(num_data(x), *latent.shape)
         return PointMass(mode)
@@ -262,6 +266,16 @@ class PointMass(AbstractQ):
                 raise ValueError(
                     f"PointMass value has shape {self.value.shape} and dtype {self.value.dtype}, "
                     f"expected integers of shape (N,) = ({n},) for a Discrete latent"
+                )
+        elif isinstance(latent, Chain):
+            if (
+                self.value.ndim != 2
+                or self.value.shape[0] != n
+                or not jnp.issubdtype(self.value.dtype, jnp.integer)
+            ):
+                raise ValueError(
+                    f"PointMass value has shape {self.value.shape} and dtype {self.value.dtype}, "
+                    f"expected integer paths of shape (N, T) with N={n} for a Chain latent"
                 )
         elif isinstance(latent, Real):
             if self.value.shape != (n, *latent.shape):

@@ -44,15 +44,27 @@ class AbstractStatistics(eqx.Module):
         """The statistics with every datum's weight multiplied by ``factor``."""
 
 
+def is_statistics(node: Any) -> bool:
+    return isinstance(node, AbstractStatistics)
+
+
 def merge_statistics(a: Stats, b: Stats) -> Stats:
-    """Merge two statistics of the same model structure (see ``AbstractStatistics``)."""
-    if isinstance(a, AbstractStatistics):
-        return a.merge(b)
-    return jax.tree_util.tree_map(jnp.add, a, b)
+    """Merge two statistics of the same model structure (see ``AbstractStatistics``): a
+    pytree whose nodes are arrays (added) or ``AbstractStatistics`` (their own ``merge``),
+    such as an HMM's transition counts beside its emissions' shifted statistics."""
+    return jax.tree_util.tree_map(_merge_node, a, b, is_leaf=is_statistics)
+
+
+def _merge_node(a: Any, b: Any) -> Any:
+    return a.merge(b) if isinstance(a, AbstractStatistics) else jnp.add(a, b)
 
 
 def scale_statistics(stats: Stats, factor: Any) -> Stats:
     """``stats`` with every datum's weight multiplied by ``factor``."""
-    if isinstance(stats, AbstractStatistics):
-        return stats.scale(factor)
-    return jax.tree_util.tree_map(lambda leaf: leaf * jnp.asarray(factor, leaf.dtype), stats)
+
+    def scale(node):
+        if isinstance(node, AbstractStatistics):
+            return node.scale(factor)
+        return node * jnp.asarray(factor, node.dtype)
+
+    return jax.tree_util.tree_map(scale, stats, is_leaf=is_statistics)

@@ -10,13 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._latent import Discrete, Real
+from ._latent import Chain, Discrete, GaussianChain, Real, is_sequence_latent
 from ._model import Model, float_dtype
 
 
 @jax.jit
 def _all_finite(arr: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(arr))
+
+
+@jax.jit
+def _no_inf(arr: jax.Array) -> jax.Array:
+    return ~jnp.any(jnp.isinf(arr))
 
 
 def is_integer(value: Any) -> bool:
@@ -96,17 +101,23 @@ def prepare_data(model: Model, x: Any, check: Any = None) -> Any:
     NaN/Inf check at run time (``eqx.error_if``); a JAX array is checked for NaN/Inf on its
     own device by one compiled reduction per shape.
     """
+    if is_sequence_latent(model.latent):
+        from ._sequences import as_sequences, fill_padding
+
+        x = fill_padding(as_sequences(x))
     leaves, treedef = jax.tree_util.tree_flatten(x)
     if not leaves:
         raise ValueError("x is empty: expected an array whose leading axis indexes the data")
     dtype = float_dtype(model)
+    missing = model.missing_values  # NaN marks a missing entry; Inf is still an error
     out = []
     for leaf in leaves:
         if isinstance(leaf, jax.core.Tracer):
             # Inside a user's jit or vmap the values are unknown here: check them where they
             # are computed, as a run-time error of the compiled program.
             if jnp.issubdtype(leaf.dtype, jnp.inexact):
-                leaf = eqx.error_if(leaf, ~jnp.all(jnp.isfinite(leaf)), _NONFINITE)
+                bad = jnp.any(jnp.isinf(leaf)) if missing else ~jnp.all(jnp.isfinite(leaf))
+                leaf = eqx.error_if(leaf, bad, _NONFINITE)
             out.append(leaf)
             continue
         arr = np.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf
@@ -120,13 +131,22 @@ def prepare_data(model: Model, x: Any, check: Any = None) -> Any:
         if kind == "f":
             # A JAX array is checked where it lives (no copy of the data to the host).
             with jax.ensure_compile_time_eval():  # concrete data inside a user's jit too
-                all_finite = (
-                    bool(_all_finite(arr)) if isinstance(arr, jax.Array) else np.isfinite(arr).all()
-                )
+                if missing:
+                    all_finite = (
+                        bool(_no_inf(arr)) if isinstance(arr, jax.Array) else not np.isinf(arr).any()
+                    )
+                else:
+                    all_finite = (
+                        bool(_all_finite(arr))
+                        if isinstance(arr, jax.Array)
+                        else np.isfinite(arr).all()
+                    )
             if not all_finite:
-                bad = np.argwhere(~np.isfinite(np.asarray(arr)))
+                values = np.asarray(arr)
+                bad = np.argwhere(np.isinf(values) if missing else ~np.isfinite(values))
+                what = "Inf (NaN marks a missing value)" if missing else "NaN or Inf"
                 raise ValueError(
-                    f"x contains NaN or Inf: {len(bad)} entries, the first at index {tuple(int(i) for i in bad[0])}"
+                    f"x contains {what}: {len(bad)} entries, the first at index {tuple(int(i) for i in bad[0])}"
                 )
             arr = jnp.asarray(arr, dtype)
         else:
@@ -195,9 +215,14 @@ def _check_log_joint(model: Model, x: Any) -> None:
         z = jax.ShapeDtypeStruct((), latent.dtype)  # as log_joint_table enumerates it
     elif isinstance(latent, Real):
         z = jax.ShapeDtypeStruct(latent.shape, float_dtype(model))
+    elif isinstance(latent, Chain):
+        z = jax.ShapeDtypeStruct((x.num_frames,), latent.dtype)  # one path per sequence
+    elif isinstance(latent, GaussianChain):
+        z = jax.ShapeDtypeStruct((x.num_frames, latent.state_dim), float_dtype(model))
     else:
         raise TypeError(
-            f"{type(model).__name__}.latent must be ej.Discrete(...) or ej.Real(...), got {latent!r}"
+            f"{type(model).__name__}.latent must be ej.Discrete, ej.Real, ej.Chain or "
+            f"ej.GaussianChain, got {latent!r}"
         )
     name = type(model).__name__
     x0 = datum_shapes(x)

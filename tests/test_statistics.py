@@ -242,19 +242,20 @@ def test_kmeans_start_covariances_are_cluster_scatters():
 # ------------------------------------------------------------ the result's posterior, in chunks
 @pytest.mark.parametrize("name, model, x", MODELS, ids=[m[0] for m in MODELS])
 @pytest.mark.parametrize("chunk_size", [None, 7, 10_000])
-def test_posterior_log_probs_in_chunks_equal_the_whole_posterior(name, model, x, chunk_size):
+def test_posterior_of_data_in_chunks_equals_the_whole_posterior(name, model, x, chunk_size):
     from elbo_jax import _autostats
 
     n = x.shape[0]
     data = _dataset(x, chunk_size)
     x = jnp.asarray(x)
     expected = model.posterior(x).log_probs
-    got = _statistics_em.posterior_log_probs(model, data)[:n]
+    got = _statistics_em.posterior_of_data(model, data).logits[:n]
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
     split = _autostats.affine_split(model, x)
     if split is not None:  # the Poisson and Bernoulli mixtures: the table from features
         features = split.datum_features(data.x)
-        got = _statistics_em.posterior_log_probs(model, data, split=split, features=features)
+        got = _statistics_em.posterior_of_data(model, data, split=split, features=features)
+        got = got.logits
         np.testing.assert_allclose(got[:n], expected, rtol=1e-10, atol=1e-10)
         stats, total = _pass(model, x, chunk_size, split=split)
         _assert_same_statistics(stats, model.sufficient_statistics(x, model.posterior(x)))

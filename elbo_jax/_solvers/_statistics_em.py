@@ -1,12 +1,13 @@
-r"""Exact EM on a ``Discrete`` latent as passes over the data that leave only statistics.
+r"""Exact EM as passes over the data that leave only statistics.
 
 When the E-step is exact and the M-step needs only expected statistics — the model's
 closed form, or the statistics that ``_autostats`` finds in ``log_joint`` — an iteration
 never needs the $(N, K)$ posterior: it is ``maximize(stats)`` followed by one pass that
-computes, chunk by chunk, the log-joint table, its log-normaliser and the chunk's
-statistics (``statistics_pass``). At the exact posterior the bracket of F is
+computes, chunk by chunk, the log-joint table (a ``Discrete`` latent) or the model's
+exact posterior (a chain: forward–backward or Kalman smoothing), its log-normaliser and
+the chunk's statistics (``statistics_pass``). At the exact posterior the bracket of F is
 $\log p(x_n \mid \theta)$, so the same pass gives F. The posterior of the final model is
-computed once, at the end (``posterior_log_probs``).
+computed once, at the end (``posterior_of_data``).
 
 The start's pass runs as the loop's first trip (``started`` false, no M-step), so the pass
 is compiled once.
@@ -20,9 +21,10 @@ import jax.numpy as jnp
 
 from .._custom_types import Array, Data, Stats
 from .._data import Dataset, map_over_data, weighted_sum
+from .._latent import Discrete
 from .._model import Model, is_finite_tree
 from .._objective import free_energy_from_sum
-from .._q import Categorical, normalize_table
+from .._q import AbstractQ, Categorical, normalize_table
 from .._steps import (
     ExactMStep,
     _split_params,
@@ -69,9 +71,14 @@ def statistics_pass(
     Reduced by ``sum_over_data``: chunk by chunk, merged, across devices if sharded.
     """
     own = split is None and features is not None  # the model's own datum_features
+    discrete = isinstance(model.latent, Discrete)
 
     def chunk(values, weights):
         x, feats = values
+        if not discrete:  # a chain, or a model's own exact posterior
+            log_marginal, q = model.exact_posterior(x)
+            stats = model.sufficient_statistics(x, q, weights=weights)
+            return stats, weighted_sum(log_marginal, weights)
         log_normalizer, q = normalize_table(log_joint_table(model, x, split, feats))
         if closed_form and own:
             stats = model.sufficient_statistics(x, q, weights=weights, features=feats)
@@ -84,15 +91,25 @@ def statistics_pass(
     return data.sum(chunk, features)
 
 
-def posterior_log_probs(model: Model, data: Dataset, *, split: Any = None, features: Any = None):
-    r"""$\log p(z_n{=}k \mid x_n, \theta)$, ``(N_pad, K)``, chunk by chunk like the passes."""
+def posterior_of_data(
+    model: Model, data: Dataset, *, split: Any = None, features: Any = None
+) -> AbstractQ:
+    r"""The exact posterior $p(z \mid x_n, \theta)$ of every row, chunk by chunk like the
+    passes: a ``Categorical`` for a ``Discrete`` latent, else the model's ``exact_posterior``."""
+    if isinstance(model.latent, Discrete):
 
-    def chunk(values):
-        x, feats = values
-        table = log_joint_table(model, x, split, feats)
-        return table - jax.nn.logsumexp(table, axis=-1, keepdims=True)
+        def table_chunk(values):
+            x, feats = values
+            table = log_joint_table(model, x, split, feats)
+            return table - jax.nn.logsumexp(table, axis=-1, keepdims=True)
 
-    return map_over_data(chunk, data, features)
+        return Categorical(map_over_data(table_chunk, data, features))
+    posterior = lambda x: model.exact_posterior(x)[1]
+    first = jax.tree_util.tree_map(lambda leaf: leaf[: data.chunk_size], data.x)
+    shapes = eqx.filter_eval_shape(posterior, first)
+    _, static = eqx.partition(shapes, lambda v: isinstance(v, jax.ShapeDtypeStruct))
+    arrays = map_over_data(lambda values: eqx.filter(posterior(values[0]), eqx.is_array), data)
+    return eqx.combine(arrays, static)
 
 
 class StatisticsState(eqx.Module):
@@ -180,10 +197,8 @@ class StatisticsEM(AbstractSolver):
         return StatisticsState(model, stats, state.features), objective
 
     def result(self, state, data):
-        log_probs = posterior_log_probs(
-            state.model, data, split=self.split, features=state.features
-        )
-        return state.model, Categorical(log_probs)
+        q = posterior_of_data(state.model, data, split=self.split, features=state.features)
+        return state.model, q
 
     def is_finite(self, state):
         return is_finite_tree(state.model)
