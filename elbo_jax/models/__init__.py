@@ -10,3 +10,8 @@ from ._linear_gaussian import FactorAnalysis as FactorAnalysis
 from ._linear_gaussian import LinearGaussianStatistics as LinearGaussianStatistics
 from ._poisson_mixture import PoissonMixture as PoissonMixture
 from ._poisson_mixture import PoissonMixturePrior as PoissonMixturePrior
+from ._count_hmms import CategoricalHMM as CategoricalHMM
+from ._count_hmms import PoissonHMM as PoissonHMM
+from ._gaussian_hmm import GaussianHMM as GaussianHMM
+from ._hmm import HMM as HMM
+from ._hmm import HMMPrior as HMMPrior

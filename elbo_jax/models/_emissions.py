@@ -113,3 +113,30 @@ def poisson_maximize(
     safe = jnp.where(ok, denominator, 1.0)
     new = jnp.maximum((sums + (shape - 1)) / safe[:, None], min_rate)
     return keep_where_empty(denominator, jnp.log(new), log_rates)
+
+
+# --------------------------------------------------------------------------- categorical
+def categorical_log_density(x: Array, log_probs: Float[Array, "K M"]) -> Array:
+    r"""$\log p(x_n \mid \theta_k) = \log \theta_{k, x_n}$ for symbols ``x`` (integers in
+    ``[0, M)``, any shape ``S``): a gather, shape ``(*S, K)``."""
+    return log_probs.T[x]
+
+
+def categorical_statistics(x: Array, resp: Float[Array, "N K"], num_symbols: int) -> Array:
+    r"""$C_{km} = \sum_n r_{nk}\,[x_n = m]$, ``(K, M)``, by a scatter-add (no one-hot)."""
+    k = resp.shape[-1]
+    return jnp.zeros((num_symbols, k), resp.dtype).at[x].add(resp).T
+
+
+def categorical_maximize(
+    counts: Float[Array, "K M"], log_probs: Float[Array, "K M"], *, concentration: float = 1.0
+) -> Array:
+    r"""The new $\log\theta$: $\theta_{km} \propto C_{km} + \text{concentration} - 1$ (the mode
+    under a symmetric Dirichlet; 1: maximum likelihood); a state with no data keeps
+    ``log_probs``; a symbol never seen in a state gets the smallest normal probability
+    (finite logits)."""
+    counts = counts + (concentration - 1)
+    total = jnp.sum(counts, axis=-1, keepdims=True)
+    tiny = jnp.finfo(counts.dtype).tiny
+    new = jnp.log(jnp.maximum(counts / jnp.maximum(total, tiny), tiny))
+    return keep_where_empty(total[:, 0], new, log_probs)

@@ -343,6 +343,29 @@ class GaussianMixture(AbstractMixture):
         self.loc = means
         self.raw_precision_factor = raw
 
+    @classmethod
+    def _from_fields(
+        cls,
+        weight_logits: Array,
+        loc: Array,
+        raw_precision_factor: Array,
+        covariance_type: str,
+        reg_covar: float,
+    ) -> "GaussianMixture":
+        """A mixture with these stored fields as they are (no checks, no conversion): the
+        Gaussian emissions of an HMM reuse the mixture's densities, statistics and M-step."""
+        model = object.__new__(cls)
+        fields = {
+            "weight_logits": weight_logits,
+            "loc": loc,
+            "raw_precision_factor": raw_precision_factor,
+            "covariance_type": covariance_type,
+            "reg_covar": reg_covar,
+        }
+        for name, value in fields.items():
+            object.__setattr__(model, name, value)
+        return model
+
     # ------------------------------------------------------------- parameters
     @property
     def dim(self) -> int:
