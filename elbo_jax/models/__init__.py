@@ -15,3 +15,5 @@ from ._count_hmms import PoissonHMM as PoissonHMM
 from ._gaussian_hmm import GaussianHMM as GaussianHMM
 from ._hmm import HMM as HMM
 from ._hmm import HMMPrior as HMMPrior
+from ._lgssm import LGSSMPosterior as LGSSMPosterior
+from ._lgssm import LinearGaussianSSM as LinearGaussianSSM
