@@ -20,6 +20,22 @@ from ._q import AbstractQ, PointMass, num_data
 from ._sequences import Sequences
 
 
+# On an accelerator, sequences of at least this many frames use the parallel (associative
+# scan) forward-backward: the sequential scan's cost there is T dependent steps, the
+# parallel one's about log T. On CPU the sequential scan is faster at every length.
+PARALLEL_MIN_FRAMES = 256
+
+
+def use_parallel(model: Any, num_frames: int) -> bool:
+    """Whether inference over sequences of ``num_frames`` frames uses the parallel scans:
+    the model's ``parallel_scan`` if it sets one (``True``/``False``), else automatically —
+    on an accelerator (GPU, TPU) for ``num_frames >= PARALLEL_MIN_FRAMES``."""
+    choice = getattr(model, "parallel_scan", None)
+    if choice is not None:
+        return bool(choice)
+    return jax.default_backend() != "cpu" and num_frames >= PARALLEL_MIN_FRAMES
+
+
 def chain_factors(model: Any, x: Sequences) -> tuple[Array, Array, Array]:
     """``(log p(z_0) (K,), log p(z_{t+1} | z_t) (K, K), log p(x_t | z_t) (N, T, K))``."""
     return (
@@ -102,7 +118,9 @@ class ChainPosterior(AbstractQ):
 def chain_posterior(model: Any, x: Sequences) -> tuple[PerDatum, ChainPosterior]:
     r"""$\log p(x_n \mid \theta)$ ``(N,)`` and the exact posterior of every sequence."""
     log_initial, log_transition, emissions = chain_factors(model, x)
-    out = jax.vmap(hmm.forward_backward, in_axes=(None, None, 0, 0))(
+    parallel = use_parallel(model, x.num_frames)
+    smooth = lambda *args: hmm.forward_backward(*args, parallel=parallel)
+    out = jax.vmap(smooth, in_axes=(None, None, 0, 0))(
         log_initial, log_transition, emissions, x.lengths
     )
     expected = expected_log_joint(
@@ -116,7 +134,9 @@ def chain_posterior(model: Any, x: Sequences) -> tuple[PerDatum, ChainPosterior]
 def chain_log_marginal(model: Any, x: Sequences) -> PerDatum:
     r"""$\log p(x_n \mid \theta)$ by the forward pass alone, ``(N,)``."""
     log_initial, log_transition, emissions = chain_factors(model, x)
-    return jax.vmap(hmm.log_normalizer, in_axes=(None, None, 0, 0))(
+    parallel = use_parallel(model, x.num_frames)
+    forward = lambda *args: hmm.log_normalizer(*args, parallel=parallel)
+    return jax.vmap(forward, in_axes=(None, None, 0, 0))(
         log_initial, log_transition, emissions, x.lengths
     )
 

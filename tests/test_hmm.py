@@ -287,3 +287,25 @@ def test_bad_data_are_refused_naming_x():
         ej.fit(model, bad)
     with pytest.raises(TypeError, match="ej.Sequences.from_list"):
         ej.fit(model, [np.zeros((3, 2)), np.zeros((4, 2))])
+
+
+def test_parallel_scan_fits_equal_the_sequential_ones():
+    x, _ = _ragged(_gaussian_truth(), jax.random.key(17))
+    start = ej.models.GaussianHMM.initialize(jax.random.key(18), x, K)
+
+    class ParallelRegimes(ej.models.HMM):
+        loc: jax.Array
+        log_scale: jax.Array
+        parallel_scan = True
+        emission_log_density = DiagGaussianRegimes.emission_log_density
+
+    user = dict(loc=start.means, log_scale=jnp.zeros((K, D)))
+    a = ParallelRegimes(start.initial_logits, start.transition_logits, **user)
+    b = DiagGaussianRegimes(start.initial_logits, start.transition_logits, **user)
+    xs = ej._validate.prepare_data(a, x)
+    la, qa = a.exact_posterior(xs)
+    lb, qb = b.exact_posterior(xs)
+    np.testing.assert_allclose(la, lb, rtol=1e-10)
+    np.testing.assert_allclose(qa.marginals, qb.marginals, atol=1e-10)
+    np.testing.assert_allclose(qa.transition_counts, qb.transition_counts, atol=1e-9)
+    np.testing.assert_allclose(qa.entropies, qb.entropies, rtol=1e-9)

@@ -244,3 +244,12 @@ def test_bad_data_are_refused_naming_x():
     y[0, 3, 1] = np.inf
     with pytest.raises(ValueError, match="x contains Inf"):
         ej.fit(_start(), y)
+
+
+def test_parallel_scan_fit_equals_the_sequential_one():
+    _, y = _truth().sample(jax.random.key(7), 3, 40)
+    a = ej.fit(_start(), y, max_iters=3, tol=0)
+    b = ej.fit(_start(parallel_scan=True), y, max_iters=3, tol=0)
+    for got, want in zip(b.model.params(), a.model.params(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(b.history, a.history, rtol=1e-10)

@@ -11,7 +11,7 @@ so gradient steps move them freely; the exact E-step is forward–backward (``ej
 
 import abc
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -142,6 +142,11 @@ class HMM(Model):
 
     initial_logits: Float[Array, " K"]
     transition_logits: Float[Array, "K K"]
+
+    #: Forward–backward by the parallel associative scan (``True``), the sequential scan
+    #: (``False``), or chosen by device and length (``None``: parallel on an accelerator for
+    #: sequences of at least ``_chain.PARALLEL_MIN_FRAMES`` frames). Set it on a subclass.
+    parallel_scan: ClassVar[bool | None] = None
 
     @staticmethod
     def logits(initial_probs: Any, transition_matrix: Any) -> tuple[Array, Array]:

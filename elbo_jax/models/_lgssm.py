@@ -19,6 +19,7 @@ import jax.scipy.linalg as jsl
 import numpy as np
 
 from .._custom_types import Array, Float, Key, PerDatum, Scalar
+from .._chain import use_parallel
 from .._inference import kalman
 from .._latent import AbstractLatent, GaussianChain
 from .._model import Model
@@ -158,7 +159,11 @@ class LinearGaussianSSM(Model):
     **Arguments:** ``initial_mean`` ``(S,)``, ``initial_covariance`` ``(S, S)``,
     ``transition_matrix`` ``(S, S)``, ``transition_covariance`` ``(S, S)``,
     ``observation_matrix`` ``(O, S)``, ``observation_covariance`` ``(O, O)``; ``frozen``:
-    names of parameters to keep fixed in fits.
+    names of parameters to keep fixed in fits; ``parallel_scan``: Kalman filtering and
+    smoothing by the parallel-in-time scans (``True``), the sequential ones (``False``), or
+    chosen by device and length (``None``: parallel on an accelerator for sequences of at
+    least ``_chain.PARALLEL_MIN_FRAMES`` frames, in float64 only — the parallel version
+    loses about 3e-4 relative accuracy in float32).
 
     ```python
     model = ej.models.LinearGaussianSSM.initialize(jax.random.key(0), y, state_dim=4)
@@ -175,6 +180,8 @@ class LinearGaussianSSM(Model):
     raw_observation_covariance: Float[Array, "O O"]
     frozen: tuple[str, ...] = eqx.field(static=True)
 
+    parallel_scan: bool | None = eqx.field(static=True)
+
     missing_values = True
 
     def __init__(
@@ -187,6 +194,7 @@ class LinearGaussianSSM(Model):
         observation_covariance: Any,
         *,
         frozen: tuple[str, ...] | list[str] = (),
+        parallel_scan: bool | None = None,
     ):
         dtype = canonical_float_dtype(
             initial_mean,
@@ -229,6 +237,9 @@ class LinearGaussianSSM(Model):
             "observation_covariance", jnp.asarray(observation_covariance, dtype), o
         )
         self.frozen = frozen
+        if parallel_scan not in (None, True, False):
+            raise ValueError(f"parallel_scan must be True, False or None, got {parallel_scan!r}")
+        self.parallel_scan = parallel_scan
 
     # ------------------------------------------------------------- parameters
     @property
@@ -292,8 +303,14 @@ class LinearGaussianSSM(Model):
         obs = jax.vmap(lambda zt, yt, keep: gauss(yt, p.observation_matrix @ zt, p.observation_covariance, keep))(z, y, observed)
         return first + jnp.sum(jnp.where(mask[1:], moves, 0.0)) + jnp.sum(obs)
 
+    def _parallel(self, x: Sequences) -> bool:
+        if self.parallel_scan is None and self.initial_mean.dtype != jnp.float64:
+            return False
+        return use_parallel(self, x.num_frames)
+
     def _smooth(self, x: Sequences) -> kalman.SmootherResult:
-        return jax.vmap(kalman.kalman_smoother, in_axes=(None, 0, 0))(
+        smoother = lambda *args: kalman.kalman_smoother(*args, parallel=self._parallel(x))
+        return jax.vmap(smoother, in_axes=(None, 0, 0))(
             self.params(), x.frames, jnp.asarray(x.lengths)
         )
 
@@ -309,7 +326,8 @@ class LinearGaussianSSM(Model):
         return self.exact_posterior(x)[1]
 
     def log_marginal(self, x: Sequences) -> PerDatum:
-        return jax.vmap(kalman.log_likelihood, in_axes=(None, 0, 0))(
+        forward = lambda *args: kalman.log_likelihood(*args, parallel=self._parallel(x))
+        return jax.vmap(forward, in_axes=(None, 0, 0))(
             self.params(), x.frames, jnp.asarray(x.lengths)
         )
 
