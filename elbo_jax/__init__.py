@@ -4,10 +4,10 @@ on one free energy."""
 import importlib.metadata
 
 from . import models as models
+from ._chain import ChainPosterior as ChainPosterior
 from ._fit import FitResult as FitResult
 from ._fit import Status as Status
 from ._fit import fit as fit
-from ._chain import ChainPosterior as ChainPosterior
 from ._latent import AbstractLatent as AbstractLatent
 from ._latent import Chain as Chain
 from ._latent import Discrete as Discrete

@@ -19,7 +19,6 @@ from ._latent import AbstractLatent, Chain
 from ._q import AbstractQ, PointMass, num_data
 from ._sequences import Sequences
 
-
 # On an accelerator, sequences of at least this many frames use the parallel (associative
 # scan) forward-backward: the sequential scan's cost there is T dependent steps, the
 # parallel one's about log T. On CPU the sequential scan is faster at every length.
@@ -167,4 +166,3 @@ def is_chain_q(q: Any) -> bool:
     return isinstance(q, ChainPosterior) or (
         isinstance(q, PointMass) and q.value is not None and q.value.ndim == 2
     )
-

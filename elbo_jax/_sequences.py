@@ -93,7 +93,9 @@ class Sequences(eqx.Module):
         lengths = np.array([a.shape[0] for a in arrays], np.int32)
         t = int(lengths.max()) if pad_to is None else int(pad_to)
         if t < lengths.max():
-            raise ValueError(f"pad_to={pad_to} is shorter than the longest sequence ({lengths.max()})")
+            raise ValueError(
+                f"pad_to={pad_to} is shorter than the longest sequence ({lengths.max()})"
+            )
         frames = np.stack(
             [np.concatenate([a, np.repeat(a[:1], t - a.shape[0], axis=0)]) for a in arrays]
         )

@@ -133,7 +133,9 @@ def prepare_data(model: Model, x: Any, check: Any = None) -> Any:
             with jax.ensure_compile_time_eval():  # concrete data inside a user's jit too
                 if missing:
                     all_finite = (
-                        bool(_no_inf(arr)) if isinstance(arr, jax.Array) else not np.isinf(arr).any()
+                        bool(_no_inf(arr))
+                        if isinstance(arr, jax.Array)
+                        else not np.isinf(arr).any()
                     )
                 else:
                     all_finite = (

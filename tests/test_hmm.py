@@ -37,7 +37,9 @@ def _gaussian_truth(covariance_type="full"):
 def _ragged(model, key, lengths=LENGTHS):
     frames, _ = model.sample(key, len(lengths), max(lengths))
     frames = np.asarray(frames)
-    return ej.Sequences(frames, np.asarray(lengths)), [f[:n] for f, n in zip(frames, lengths)]
+    return ej.Sequences(frames, np.asarray(lengths)), [
+        f[:n] for f, n in zip(frames, lengths, strict=True)
+    ]
 
 
 def _hmmlearn_twin(start, cls, **kwargs):
@@ -77,11 +79,11 @@ def test_gaussian_hmm_equals_hmmlearn_on_ragged_sequences(covariance_type):
     _assert_close(model.bic(x), twin.bic(np.concatenate(seqs), lengths=LENGTHS), rtol=1e-10)
     proba = model.predict_proba(x)
     want = twin.predict_proba(np.concatenate(seqs), lengths=LENGTHS)
-    got = np.concatenate([p[:n] for p, n in zip(np.asarray(proba), LENGTHS)])
+    got = np.concatenate([p[:n] for p, n in zip(np.asarray(proba), LENGTHS, strict=True)])
     np.testing.assert_allclose(got, want, atol=1e-9)
     paths = model.predict(x)
     _, want_paths = twin.decode(np.concatenate(seqs), lengths=LENGTHS, algorithm="viterbi")
-    got_paths = np.concatenate([p[:n] for p, n in zip(np.asarray(paths), LENGTHS)])
+    got_paths = np.concatenate([p[:n] for p, n in zip(np.asarray(paths), LENGTHS, strict=True)])
     np.testing.assert_array_equal(got_paths, want_paths)
 
 
@@ -146,15 +148,15 @@ def test_padding_never_changes_the_answer():
     for i, n in enumerate(LENGTHS):
         garbage[i, n:] = np.nan if i % 2 else 1e6
     padded = ej.Sequences(garbage, x.lengths)
-    one_by_one = sum(
-        float(ej.log_evidence(truth, ej.Sequences(s[None], [len(s)]))) for s in seqs
-    )
+    one_by_one = sum(float(ej.log_evidence(truth, ej.Sequences(s[None], [len(s)]))) for s in seqs)
     _assert_close(ej.log_evidence(truth, padded) * len(seqs), one_by_one, rtol=1e-12)
     stats = truth.sufficient_statistics(
         ej._validate.prepare_data(truth, padded), ej.ExactPosterior()
     )
     parts = [
-        truth.sufficient_statistics(ej.Sequences(jnp.asarray(s[None]), [len(s)]), ej.ExactPosterior())
+        truth.sufficient_statistics(
+            ej.Sequences(jnp.asarray(s[None]), [len(s)]), ej.ExactPosterior()
+        )
         for s in seqs
     ]
     total = parts[0]
@@ -233,9 +235,7 @@ def test_float32_fit_equals_the_float64_fit():
     truth = _gaussian_truth()
     frames, _ = truth.sample(jax.random.key(15), 20, 300)
     start = ej.models.GaussianHMM.initialize(jax.random.key(16), frames, K)
-    start32 = jax.tree_util.tree_map(
-        lambda a: a.astype(jnp.float32) if eqx_float(a) else a, start
-    )
+    start32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32) if eqx_float(a) else a, start)
     res64 = ej.fit(start, frames, max_iters=10, tol=0)
     res32 = ej.fit(start32, np.asarray(frames, np.float32), max_iters=10, tol=0)
     assert res32.model.means.dtype == jnp.float32
@@ -257,15 +257,21 @@ def eqx_float(a):
         (lambda: ej.Sequences(np.zeros((2, 5, 2)), [5]), "lengths has shape"),
         (lambda: ej.Sequences(np.zeros((5,)), None), "frames has shape"),
         (
-            lambda: ej.models.GaussianHMM(np.ones(2) / 2, [[0.5, 0.6], [0.5, 0.5]], np.zeros((2, 1)), np.ones((2, 1, 1))),
+            lambda: ej.models.GaussianHMM(
+                np.ones(2) / 2, [[0.5, 0.6], [0.5, 0.5]], np.zeros((2, 1)), np.ones((2, 1, 1))
+            ),
             "transition_matrix must be row-stochastic",
         ),
         (
-            lambda: ej.models.GaussianHMM([0.5, 0.6], np.eye(2), np.zeros((2, 1)), np.ones((2, 1, 1))),
+            lambda: ej.models.GaussianHMM(
+                [0.5, 0.6], np.eye(2), np.zeros((2, 1)), np.ones((2, 1, 1))
+            ),
             "initial_probs must be a probability vector",
         ),
         (
-            lambda: ej.models.GaussianHMM(np.ones(2) / 2, np.eye(2), np.zeros((2, 2)), -np.stack([np.eye(2)] * 2)),
+            lambda: ej.models.GaussianHMM(
+                np.ones(2) / 2, np.eye(2), np.zeros((2, 2)), -np.stack([np.eye(2)] * 2)
+            ),
             "covariances must be symmetric positive-definite",
         ),
     ],

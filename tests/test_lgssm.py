@@ -10,7 +10,7 @@ from pykalman import KalmanFilter
 
 import elbo_jax as ej
 
-S, O = 2, 2
+S, OBS = 2, 2
 ALL = [
     "initial_state_mean",
     "initial_state_covariance",
@@ -37,8 +37,13 @@ def _truth(dtype=np.float64):
 
 def _start(**kwargs):
     return ej.models.LinearGaussianSSM(
-        np.zeros(S), np.eye(S), 0.5 * np.eye(S), 0.5 * np.eye(S),
-        np.array([[1.0, 0.0], [0.3, 1.0]]), np.eye(O), **kwargs
+        np.zeros(S),
+        np.eye(S),
+        0.5 * np.eye(S),
+        0.5 * np.eye(S),
+        np.array([[1.0, 0.0], [0.3, 1.0]]),
+        np.eye(OBS),
+        **kwargs,
     )
 
 
@@ -87,9 +92,7 @@ def test_em_equals_pykalman(one_sequence, frozen):
     kf = _pykalman(start, frozen).em(one_sequence[0], n_iter=5)
     _assert_same_model(res.model, kf)
     for name in frozen:  # kept exactly
-        np.testing.assert_array_equal(
-            getattr(res.model, name), getattr(start, name)
-        )
+        np.testing.assert_array_equal(getattr(res.model, name), getattr(start, name))
 
 
 def test_missing_frames_equal_pykalman_masked(one_sequence):
@@ -100,9 +103,7 @@ def test_missing_frames_equal_pykalman_masked(one_sequence):
     masked = np.ma.masked_invalid(y[0])
     kf = _pykalman(start).em(masked, n_iter=4)
     _assert_same_model(res.model, kf)
-    np.testing.assert_allclose(
-        ej.log_evidence(res.model, y), kf.loglikelihood(masked), rtol=1e-8
-    )
+    np.testing.assert_allclose(ej.log_evidence(res.model, y), kf.loglikelihood(masked), rtol=1e-8)
 
 
 def test_log_likelihood_equals_statsmodels():
@@ -138,9 +139,7 @@ def test_many_sequences_ragged_equal_the_sequences_one_by_one():
     prepared = ej._validate.prepare_data(start, ragged)
     batch = start.sufficient_statistics(prepared, ej.ExactPosterior())
     parts = [
-        start.sufficient_statistics(
-            ej._validate.prepare_data(start, s[None]), ej.ExactPosterior()
-        )
+        start.sufficient_statistics(ej._validate.prepare_data(start, s[None]), ej.ExactPosterior())
         for s in seqs
     ]
     total = parts[0]
@@ -206,7 +205,7 @@ def test_float32_fit_equals_float64():
 def test_filter_smooth_sample_and_gradient_m_step():
     model = _truth()
     states, y = model.sample(jax.random.key(6), 3, 40)
-    assert states.shape == (3, 40, S) and y.shape == (3, 40, O)
+    assert states.shape == (3, 40, S) and y.shape == (3, 40, OBS)
     smoothed = model.smooth(y)
     filtered = model.filter(y)
     np.testing.assert_allclose(smoothed.means[:, -1], filtered.means[:, -1], rtol=1e-10)
@@ -223,11 +222,15 @@ def test_filter_smooth_sample_and_gradient_m_step():
     [
         (lambda: _start(frozen=("bogus",)), "frozen names unknown"),
         (
-            lambda: ej.models.LinearGaussianSSM(np.zeros(2), -np.eye(2), np.eye(2), np.eye(2), np.eye(2), np.eye(2)),
+            lambda: ej.models.LinearGaussianSSM(
+                np.zeros(2), -np.eye(2), np.eye(2), np.eye(2), np.eye(2), np.eye(2)
+            ),
             "initial_covariance must be a symmetric positive-definite",
         ),
         (
-            lambda: ej.models.LinearGaussianSSM(np.zeros(2), np.eye(2), np.eye(3), np.eye(2), np.eye(2), np.eye(2)),
+            lambda: ej.models.LinearGaussianSSM(
+                np.zeros(2), np.eye(2), np.eye(3), np.eye(2), np.eye(2), np.eye(2)
+            ),
             "transition_matrix has shape",
         ),
     ],

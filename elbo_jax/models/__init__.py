@@ -2,18 +2,18 @@
 
 from ._bernoulli_mixture import BernoulliMixture as BernoulliMixture
 from ._bernoulli_mixture import BernoulliMixturePrior as BernoulliMixturePrior
+from ._count_hmms import CategoricalHMM as CategoricalHMM
+from ._count_hmms import PoissonHMM as PoissonHMM
+from ._gaussian_hmm import GaussianHMM as GaussianHMM
 from ._gaussian_mixture import GaussianMixture as GaussianMixture
 from ._gaussian_mixture import GaussianMixturePrior as GaussianMixturePrior
 from ._gaussian_mixture import GaussianMixtureStatistics as GaussianMixtureStatistics
+from ._hmm import HMM as HMM
+from ._hmm import HMMPrior as HMMPrior
+from ._lgssm import LGSSMPosterior as LGSSMPosterior
+from ._lgssm import LinearGaussianSSM as LinearGaussianSSM
 from ._linear_gaussian import PPCA as PPCA
 from ._linear_gaussian import FactorAnalysis as FactorAnalysis
 from ._linear_gaussian import LinearGaussianStatistics as LinearGaussianStatistics
 from ._poisson_mixture import PoissonMixture as PoissonMixture
 from ._poisson_mixture import PoissonMixturePrior as PoissonMixturePrior
-from ._count_hmms import CategoricalHMM as CategoricalHMM
-from ._count_hmms import PoissonHMM as PoissonHMM
-from ._gaussian_hmm import GaussianHMM as GaussianHMM
-from ._hmm import HMM as HMM
-from ._hmm import HMMPrior as HMMPrior
-from ._lgssm import LGSSMPosterior as LGSSMPosterior
-from ._lgssm import LinearGaussianSSM as LinearGaussianSSM

@@ -68,7 +68,9 @@ class CategoricalHMM(HMM):
         k = initial.shape[0]
         emission = jnp.asarray(emission_probs, dtype)
         if emission.ndim != 2 or emission.shape[0] != k or emission.shape[1] < 1:
-            raise ValueError(f"emission_probs has shape {emission.shape}, expected (K, M) with K={k}")
+            raise ValueError(
+                f"emission_probs has shape {emission.shape}, expected (K, M) with K={k}"
+            )
         if not isinstance(emission, jax.core.Tracer):
             b = np.asarray(emission, np.float64)
             tol = float(jnp.finfo(dtype).eps) ** 0.5

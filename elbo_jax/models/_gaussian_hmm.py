@@ -14,7 +14,15 @@ from .._q import Categorical
 from .._sequences import Sequences, as_sequences
 from .._validate import canonical_float_dtype, is_integer
 from ._gaussian_mixture import GaussianMixture
-from ._hmm import HMM, HMMPrior, chain_statistics, check_chain_parameters, check_frames, maximize_chain, safe_log
+from ._hmm import (
+    HMM,
+    HMMPrior,
+    chain_statistics,
+    check_chain_parameters,
+    check_frames,
+    maximize_chain,
+    safe_log,
+)
 
 
 @final
@@ -185,9 +193,7 @@ class GaussianHMM(HMM):
         k = int(num_states)
         seqs = as_sequences(x)
         if np.ndim(seqs.frames) != 3:
-            raise ValueError(
-                f"x has frames of shape {np.shape(seqs.frames)}, expected (N, T, D)"
-            )
+            raise ValueError(f"x has frames of shape {np.shape(seqs.frames)}, expected (N, T, D)")
         frames = np.concatenate(seqs.to_list())
         start = GaussianMixture.initialize(key, frames, k, covariance_type, max(reg_covar, 1e-6))
         dtype = start.loc.dtype

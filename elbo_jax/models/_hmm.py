@@ -47,7 +47,9 @@ def check_chain_parameters(initial_probs: Any, transition_matrix: Any, dtype: An
         raise ValueError(f"initial_probs has shape {initial.shape}, expected (K,) with K >= 1")
     k = initial.shape[0]
     if transition.shape != (k, k):
-        raise ValueError(f"transition_matrix has shape {transition.shape}, expected (K, K) = {(k, k)}")
+        raise ValueError(
+            f"transition_matrix has shape {transition.shape}, expected (K, K) = {(k, k)}"
+        )
     if not any(isinstance(a, jax.core.Tracer) for a in (initial, transition)):
         tol = math.sqrt(float(jnp.finfo(dtype).eps))
         p, a = np.asarray(initial, np.float64), np.asarray(transition, np.float64)
@@ -251,9 +253,7 @@ class HMM(Model):
         return -2 * total + self.n_parameters * jnp.log(frames)
 
     # ------------------------------------------------------------- sampling
-    def sample(
-        self, key: Key, num_sequences: int, num_steps: int
-    ) -> tuple[Any, Int[Array, "N T"]]:
+    def sample(self, key: Key, num_sequences: int, num_steps: int) -> tuple[Any, Int[Array, "N T"]]:
         r"""``num_sequences`` sequences of ``num_steps`` frames from the model:
         ``(frames (N, T, ...), states (N, T))``."""
         state_key, frame_key = jr.split(key)
@@ -302,4 +302,3 @@ def maximize_chain(model: HMM, stats: dict, prior: Any) -> tuple[Array, Array]:
     new = safe_log(transitions / jnp.maximum(rows, tiny))
     transition_logits = jnp.where(rows > tiny, new, model.transition_log_probs())
     return initial_logits, transition_logits
-

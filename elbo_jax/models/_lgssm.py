@@ -18,8 +18,8 @@ import jax.random as jr
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from .._custom_types import Array, Float, Key, PerDatum, Scalar
 from .._chain import use_parallel
+from .._custom_types import Array, Float, Key, PerDatum, Scalar
 from .._inference import kalman
 from .._latent import AbstractLatent, GaussianChain
 from .._model import Model
@@ -125,7 +125,9 @@ def _frame_moments(
     r_obs = r * m[:, None] * m[None, :] + jnp.diag(1 - m)
     missing = 1 - m
     # G = R_mo R_oo^{-1} as an (O, O) matrix (rows: missing entries, columns: observed).
-    gain = jsl.cho_solve((jnp.linalg.cholesky(r_obs), True), (r * missing[:, None] * m[None, :]).T).T
+    gain = jsl.cho_solve(
+        (jnp.linalg.cholesky(r_obs), True), (r * missing[:, None] * m[None, :]).T
+    ).T
     gain = gain * missing[:, None] * m[None, :]
     a = y0 + gain @ y0
     b = h * missing[:, None] - gain @ (h * m[:, None])
@@ -215,8 +217,14 @@ class LinearGaussianSSM(Model):
         if h.ndim != 2 or h.shape[1] != s:
             raise ValueError(f"observation_matrix has shape {h.shape}, expected (O, {s})")
         o = h.shape[0]
-        for name, value in (("initial_mean", m0), ("transition_matrix", f), ("observation_matrix", h)):
-            if not isinstance(value, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(value))):
+        for name, value in (
+            ("initial_mean", m0),
+            ("transition_matrix", f),
+            ("observation_matrix", h),
+        ):
+            if not isinstance(value, jax.core.Tracer) and not np.all(
+                np.isfinite(np.asarray(value))
+            ):
                 raise ValueError(f"{name} contains NaN or Inf")
         if isinstance(frozen, str):
             frozen = (frozen,)
@@ -299,8 +307,14 @@ class LinearGaussianSSM(Model):
         s = self.state_dim
         all_states = jnp.ones((s,), bool)
         first = gauss(z[0], p.initial_mean, p.initial_covariance, all_states)
-        moves = jax.vmap(lambda a, b: gauss(b, p.transition_matrix @ a, p.transition_covariance, all_states))(z[:-1], z[1:])
-        obs = jax.vmap(lambda zt, yt, keep: gauss(yt, p.observation_matrix @ zt, p.observation_covariance, keep))(z, y, observed)
+        moves = jax.vmap(
+            lambda a, b: gauss(b, p.transition_matrix @ a, p.transition_covariance, all_states)
+        )(z[:-1], z[1:])
+        obs = jax.vmap(
+            lambda zt, yt, keep: gauss(
+                yt, p.observation_matrix @ zt, p.observation_covariance, keep
+            )
+        )(z, y, observed)
         return first + jnp.sum(jnp.where(mask[1:], moves, 0.0)) + jnp.sum(obs)
 
     def _parallel(self, x: Sequences) -> bool:
@@ -319,7 +333,9 @@ class LinearGaussianSSM(Model):
         out = self._smooth(x)
         q = LGSSMPosterior(out.means, out.covariances, out.cross_covariances, None)
         expected = self.expected_log_joint(x, q)
-        q = eqx.tree_at(lambda q: q.entropies, q, out.log_likelihood - expected, is_leaf=lambda v: v is None)
+        q = eqx.tree_at(
+            lambda q: q.entropies, q, out.log_likelihood - expected, is_leaf=lambda v: v is None
+        )
         return out.log_likelihood, q
 
     def posterior(self, x: Sequences) -> LGSSMPosterior:
@@ -347,7 +363,9 @@ class LinearGaussianSSM(Model):
         s11 = jnp.sum(second[:, 1:] * pairs, axis=1)
         s10 = jnp.sum(pair[:, :-1] * pairs, axis=1)
         observed = ~jnp.isnan(x.frames) & mask[..., None]
-        frame = jax.vmap(jax.vmap(_frame_moments, in_axes=(None, 0, 0, 0, 0)), in_axes=(None, 0, 0, 0, 0))
+        frame = jax.vmap(
+            jax.vmap(_frame_moments, in_axes=(None, 0, 0, 0, 0)), in_axes=(None, 0, 0, 0, 0)
+        )
         yy, yz, any_obs = frame(p, x.frames, observed, mu, second)
         w = any_obs.astype(dtype)[..., None, None]
         return {
@@ -413,7 +431,9 @@ class LinearGaussianSSM(Model):
             miss = 1 - m
             partly = jnp.any(obs) & ~jnp.all(obs)
             r_obs = r * m[:, None] * m[None, :] + jnp.diag(miss)
-            gain = jsl.cho_solve((jnp.linalg.cholesky(r_obs), True), (r * miss[:, None] * m[None, :]).T).T
+            gain = jsl.cho_solve(
+                (jnp.linalg.cholesky(r_obs), True), (r * miss[:, None] * m[None, :]).T
+            ).T
             gain = gain * miss[:, None] * m[None, :]
             v = (r - gain @ (r * m[:, None])) * miss[:, None] * miss[None, :] + jnp.diag(m)
             log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(v))))
@@ -460,7 +480,9 @@ class LinearGaussianSSM(Model):
         del stats["observed_entries"]
         return stats
 
-    def maximize(self, stats: dict, prior: Any = None, *, frozen: Any = None) -> "LinearGaussianSSM":
+    def maximize(
+        self, stats: dict, prior: Any = None, *, frozen: Any = None
+    ) -> "LinearGaussianSSM":
         """The closed-form M-step for the parameters not frozen (see the class)."""
         keep = set(self.frozen)
         if frozen is not None:
@@ -494,7 +516,9 @@ class LinearGaussianSSM(Model):
             f = jnp.where(jnp.all(jnp.isfinite(new_f)), new_f, f)
         raw_q = self.raw_transition_covariance
         if "transition_covariance" not in keep:
-            scatter = stats["s11"] - f @ stats["s10"].T - stats["s10"] @ f.T + f @ stats["s00"] @ f.T
+            scatter = (
+                stats["s11"] - f @ stats["s10"].T - stats["s10"] @ f.T + f @ stats["s00"] @ f.T
+            )
             raw_q = covariance(scatter, stats["num_moves"], raw_q)
         # the initial state
         n = stats["num_sequences"]
@@ -570,10 +594,13 @@ class LinearGaussianSSM(Model):
         scale = sing / math.sqrt(frames.shape[0])
         k = min(s, o)
         h = np.zeros((o, s))
-        h[:, :k] = (vt[:k].T * scale[:k][None, :])
+        h[:, :k] = vt[:k].T * scale[:k][None, :]
         h = h + 0.01 * np.asarray(jr.normal(key, (o, s))) * (scale[0] if scale.size else 1.0)
         explained = (vt[:k].T * scale[:k][None, :]) @ (vt[:k].T * scale[:k][None, :]).T
-        resid = np.maximum(np.diag(np.cov(frames.T).reshape(o, o)) - np.diag(explained), 1e-2 * np.var(frames, 0).max())
+        resid = np.maximum(
+            np.diag(np.cov(frames.T).reshape(o, o)) - np.diag(explained),
+            1e-2 * np.var(frames, 0).max(),
+        )
         dtype = canonical_float_dtype(np.zeros((), float))
         return cls(
             np.zeros(s, dtype),
