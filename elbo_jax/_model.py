@@ -139,11 +139,16 @@ class Model(eqx.Module):
             return chain_posterior(self, x)
         return self.log_marginal(x), self.posterior(x)
 
-    def m_step_penalty(self) -> Scalar:
+    def m_step_penalty(self, stats: Stats | None = None) -> Scalar:
         r"""$P(\theta) \ge 0$ (per datum) such that the closed-form M-step is exact EM on
         $F + P$ rather than on $F$ — a floor such as ``reg_covar`` makes it so. Then one
         iteration may raise $F$ by up to $P(\theta_t) - P(\theta_{t+1})$, and ``fit`` counts
-        only rises beyond that (and rounding). Default 0: the M-step is exact on $F$."""
+        only rises beyond that (and rounding). ``stats``: the statistics of the posterior
+        that the M-step used, when the solver has them (exact EM by statistics passes
+        passes the same ones for $\theta_t$ and $\theta_{t+1}$), for a penalty that depends on
+        the data through them (an HMM's state occupancies). Default 0: the M-step is exact
+        on $F$."""
+        del stats
         return jnp.zeros((), float_dtype(self))
 
     def honours_frozen(self, frozen: Any) -> bool:

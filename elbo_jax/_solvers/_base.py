@@ -86,9 +86,11 @@ class AbstractSolver(eqx.Module):
     @abc.abstractmethod
     def is_finite(self, state: Any) -> Array: ...
 
-    def penalty(self, state: Any) -> Array:
-        """The model's ``m_step_penalty`` at ``state`` (how far F may rise in one step)."""
-        return state.model.m_step_penalty()
+    def slack(self, old: Any, new: Any) -> Array:
+        r"""How far F may rise from state ``old`` to ``new`` when the M-step is exact on
+        $F + P$ rather than on $F$ (``Model.m_step_penalty``): $P(\theta_{old}) - P(\theta_{new})$,
+        at least 0."""
+        return jnp.maximum(old.model.m_step_penalty() - new.model.m_step_penalty(), 0.0)
 
 
 class LoopState(eqx.Module):
@@ -133,10 +135,8 @@ def _iterate(
     scale = jnp.sqrt(jnp.maximum(data.num_data.astype(objective.dtype), 1.0))
     rounding = 64 * jnp.finfo(objective.dtype).eps * (1 + jnp.abs(loop.objective)) * scale
     # A floor in a closed-form M-step (reg_covar) makes it exact on F + P, not on F: F may
-    # then rise by up to P(old) - P(new) (Model.m_step_penalty).
-    slack = jnp.maximum(solver.penalty(loop.solver_state) - solver.penalty(state), 0.0).astype(
-        objective.dtype
-    )
+    # then rise by up to P(old) - P(new) (Model.m_step_penalty, AbstractSolver.slack).
+    slack = solver.slack(loop.solver_state, state).astype(objective.dtype)
     increased = started & solver.monotone & (increase > rounding + slack)
     iteration = loop.iteration + started.astype(jnp.int32)
     status = jnp.where(

@@ -202,3 +202,9 @@ class StatisticsEM(AbstractSolver):
 
     def is_finite(self, state):
         return is_finite_tree(state.model)
+
+    def slack(self, old, new):
+        # The M-step from old to new used old's statistics: the penalty of both models is
+        # taken with them (Model.m_step_penalty).
+        before = old.model.m_step_penalty(old.stats)
+        return jnp.maximum(before - new.model.m_step_penalty(old.stats), 0.0)

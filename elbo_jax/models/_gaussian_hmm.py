@@ -45,7 +45,7 @@ class GaussianHMM(HMM):
     - `means` ``(K, D)``; `covariances` ``(K, D, D)`` positive definite (``"full"``) or
       ``(K, D)`` variances (``"diag"``);
     - `covariance_type`: ``"full"`` or ``"diag"``; `reg_covar`: added to the diagonal of
-      every covariance in the M-step (default 0, as hmmlearn's).
+      every covariance in the M-step (default 0, as hmmlearn's; see ``m_step_penalty``).
 
     ```python
     model = ej.models.GaussianHMM.initialize(jax.random.key(0), x, num_states=4)
@@ -132,6 +132,22 @@ class GaussianHMM(HMM):
         check_frames(x, (self.dim,), "GaussianHMM")
 
     # ------------------------------------------------------------- closed-form M-step
+    def m_step_penalty(self, stats: Any = None) -> Scalar:
+        r"""$\tfrac12\,\text{reg\_covar}\sum_k \bar n_k \operatorname{tr}\Sigma_k^{-1}$, with
+        $\bar n_k$ the expected frames in state $k$ per sequence from ``stats`` (the
+        posterior the M-step used): adding ``reg_covar`` is the exact M-step for frames
+        blurred by $\mathcal N(0, \text{reg\_covar}\,I)$ (as for ``GaussianMixture``).
+        0 without ``reg_covar`` or statistics."""
+        dtype = self.loc.dtype
+        if self.reg_covar == 0 or stats is None:
+            return jnp.zeros((), dtype)
+        sequences = jnp.sum(stats["initial"])
+        occupancy = stats["emissions"].counts / jnp.maximum(sequences, jnp.finfo(dtype).tiny)
+        factor = self._components()._precision_factor
+        axes = tuple(range(1, factor.ndim))
+        trace = jnp.sum(factor**2, axis=axes)
+        return 0.5 * self.reg_covar * jnp.sum(occupancy * trace)
+
     def has_closed_form(self, prior: Any) -> bool:
         return prior is None or isinstance(prior, HMMPrior)
 

@@ -527,7 +527,7 @@ class GaussianMixture(AbstractMixture):
         return per_k[None] - 0.5 * quad
 
     # ------------------------------------------------------------- closed-form M-step
-    def m_step_penalty(self) -> Scalar:
+    def m_step_penalty(self, stats: Any = None) -> Scalar:
         r"""$\tfrac12\,\text{reg\_covar}\sum_k w_k \operatorname{tr}\Sigma_k^{-1}$: adding
         ``reg_covar`` to the covariances is the exact M-step for data blurred by
         $\mathcal N(0, \text{reg\_covar}\,I)$, whose expected log-density is
