@@ -198,8 +198,8 @@ class PointMass(AbstractQ):
     r"""A point mass $q_n = \delta(z - \hat z_n)$: hard EM.
 
     Its exact E-step is the posterior mode: $\hat z_n = \arg\max_z \log p(x_n, z)$ for
-    ``Discrete`` latents, the Viterbi path for ``Chain`` ones, and the mode of the model's ``posterior`` for ``Real`` ones
-    (or fit it with ``ej.GradientEStep``). The entropy term is taken as zero, so
+    ``Discrete`` latents, the Viterbi path for ``Chain`` ones, and the mode of the model's
+    ``posterior`` for ``Real`` ones (or fit it with ``ej.GradientEStep``). The entropy term is taken as zero, so
     $F = -\frac1N\sum_n \log p(x_n, \hat z_n)$: the hard-EM ("classification") objective.
     """
 
