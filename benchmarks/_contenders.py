@@ -1,12 +1,14 @@
 """The contenders: elbo_jax (built-in models, a user-written model, gradient M-steps), a
-hand-written JAX EM, scikit-learn and pomegranate. Each ``run_*`` takes a task, the data
-and the shared start and returns timings, the final parameters (float64 NumPy) and notes.
+hand-written JAX EM, dynamax (JAX), and the CPU peers of ``_peers.py`` (scikit-learn,
+pomegranate, hmmlearn, pykalman). Each ``run_*`` takes a task, the data and the shared start
+and returns timings, the final parameters (float64 NumPy) and notes.
 
-Timing rules (see benchmarks/README.md): elbo_jax and the hand-written EM are timed on a
-first call (compilation included) and on warm calls (best of up to ``max_repeats``);
-the peers (scikit-learn, pomegranate: ``_peers.py``) on whole ``fit`` calls.
+Timing rules (see benchmarks/README.md): elbo_jax, the hand-written EM and dynamax are timed
+on a first call (compilation included) and on warm calls (best of up to ``max_repeats``);
+the CPU peers on whole ``fit`` calls.
 """
 
+import contextlib
 import functools
 import math
 import time
@@ -152,6 +154,9 @@ def run_elbo_jax(task: dict, x: np.ndarray, init: dict) -> dict:
     contender is ``elbo_jax-generic``)."""
     import jax.numpy as jnp
 
+    if task["family"] in ("hmm", "lgssm"):
+        return run_elbo_jax_sequences(task, x, init)
+
     xj = jnp.asarray(x)
     model = _ej_model(task, init, x.dtype)
     res, first, warm = _fit_timed(model, xj, task["iters"], None, task)
@@ -190,6 +195,270 @@ def run_gradients(task: dict, x: np.ndarray, init: dict) -> dict:
             continue
         out[method] = _fit_report(res, first, warm)
     return {"methods": out}
+
+
+# --------------------------------------------------------------------------- sequences
+LGSSM_KEYS = (
+    "initial_mean",
+    "initial_covariance",
+    "transition_matrix",
+    "transition_covariance",
+    "observation_matrix",
+    "observation_covariance",
+)
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Collect the names of the functions XLA compiles inside the block (as
+    tests/test_solvers.py's ``_count_compiles``)."""
+    import jax
+
+    names: list = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(str(kwargs.get("fun_name")))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _ej_sequence_model(task: dict, init: dict, dtype):
+    import elbo_jax as ej
+
+    p = {key: np.asarray(v, dtype) for key, v in init.items()}
+    if task["family"] == "hmm":
+        return ej.models.GaussianHMM(
+            p["initial_probs"],
+            p["transition_matrix"],
+            p["means"],
+            p["covariances"],
+            covariance_type=task["covariance_type"],
+        )
+    cls = getattr(ej.models, "LinearGaussianSSM", None)
+    if cls is None:
+        raise RuntimeError("not available: this elbo_jax has no ej.models.LinearGaussianSSM")
+    return cls(*(p[key] for key in LGSSM_KEYS))
+
+
+def _ej_sequence_params(model, family: str) -> dict:
+    if family == "hmm":
+        keys = {
+            "initial_probs": model.initial_probs,
+            "transition_matrix": model.transition_matrix,
+            "means": model.means,
+            "covariances": model.covariances,
+        }
+    else:
+        keys = {key: getattr(model, key) for key in LGSSM_KEYS}
+    return {key: np.asarray(v, np.float64) for key, v in keys.items()}
+
+
+def run_elbo_jax_sequences(task: dict, x, init: dict) -> dict:
+    """``ej.fit(model, x, max_iters=iters, tol=0)`` on ``(N, T, D)`` (equal lengths) or on
+    ``ej.Sequences.from_list(list_of_arrays)`` (ragged). On ragged data, one more fit on
+    the same padded frames with new lengths counts XLA compilations (expected: none)."""
+    import jax
+    import jax.numpy as jnp
+
+    import elbo_jax as ej
+
+    from . import _workloads
+
+    family = task["family"]
+    if x.equal_lengths:
+        data = jnp.asarray(x.frames)
+    else:
+        data = ej.Sequences.from_list(x.to_list())  # what a user with a list of arrays does
+    model = _ej_sequence_model(task, init, x.dtype)
+    with count_compiles() as names:
+        res, first, warm = _fit_timed(model, data, task["iters"], None, task)
+    out = {
+        "params": _ej_sequence_params(res.model, family),
+        "first_s": first,
+        "warm_s": warm,
+        "iters": res.num_iters,
+        "status": res.status.name,
+        "history": np.asarray(res.history, np.float64).tolist(),
+        "device_peak_mib": _device_peak_mib(),
+        "extra": {"compiles_in_timed_fits": len(names)},
+    }
+    if not x.equal_lengths:
+        w = _workloads.WORKLOADS[task["workload"]]
+        t = x.frames.shape[1]
+        rng = np.random.default_rng(w.seed + 2000)
+        lengths = rng.integers(min(w.min_seq_len, t), t + 1, size=x.num_sequences)
+        other = ej.Sequences(data.frames, lengths)
+        with count_compiles() as names:
+            start = _now()
+            jax.block_until_ready(ej.fit(model, other, max_iters=task["iters"], tol=0.0))
+            took = _now() - start
+        out["extra"].update(
+            new_lengths_compiles=len(names),
+            new_lengths_compiled=names[:10],
+            new_lengths_s=took,
+            new_lengths_vs_warm=took / min(warm),
+        )
+        out["note"] = (
+            f"a fit on new lengths (same padded size {t}) compiled {len(names)} time(s) and "
+            f"took {took / min(warm):.2f}x the warm fit"
+        )
+    return out
+
+
+DYNAMAX_DIRICHLET_EPS = 1e-6
+
+
+def _dynamax_model_and_params(task: dict, x, init: dict):
+    """A dynamax model doing maximum-likelihood EM (its priors made flat) and its
+    parameters at the shared start, in ``x``'s dtype."""
+    import jax.numpy as jnp
+
+    dt = x.dtype
+
+    def a(v):
+        return jnp.asarray(np.asarray(v, np.float64), dt)
+
+    if task["family"] == "hmm":
+        from dynamax.hidden_markov_model import GaussianHMM
+
+        k, d = init["means"].shape
+        # As close to maximum likelihood as dynamax allows: Dirichlet(1 + 1e-6) on the
+        # chain (mode ~ counts / total, as hmmlearn's; with exactly 1, tfp's Dirichlet mode
+        # is NaN as soon as a count underflows to 0, which happens within a few iterations
+        # to the initial probabilities); the NIW prior on the emissions with concentration
+        # 0 and scale 0 (ML means) and the smallest df its inverse-Wishart accepts, D
+        # (extra_df = 0), so Σ_k = S_k / (N_k + 2D + 2) instead of S_k / N_k.
+        model = GaussianHMM(
+            k,
+            d,
+            initial_probs_concentration=1.0 + DYNAMAX_DIRICHLET_EPS,
+            transition_matrix_concentration=1.0 + DYNAMAX_DIRICHLET_EPS,
+            emission_prior_mean=0.0,
+            emission_prior_concentration=0.0,
+            emission_prior_scale=0.0,
+            emission_prior_extra_df=0.0,
+        )
+        params, props = model.initialize(
+            initial_probs=a(init["initial_probs"]),
+            transition_matrix=a(init["transition_matrix"]),
+            emission_means=a(init["means"]),
+            emission_covariances=a(init["covariances"]),
+        )
+        return model, params, props
+    from dynamax.linear_gaussian_ssm import LinearGaussianSSM
+
+    s = init["initial_mean"].shape[0]
+    o = init["observation_matrix"].shape[0]
+    model = LinearGaussianSSM(s, o, has_dynamics_bias=False, has_emissions_bias=False)
+    params, props = model.initialize(
+        initial_mean=a(init["initial_mean"]),
+        initial_covariance=a(init["initial_covariance"]),
+        dynamics_weights=a(init["transition_matrix"]),
+        dynamics_covariance=a(init["transition_covariance"]),
+        emission_weights=a(init["observation_matrix"]),
+        emission_covariance=a(init["observation_covariance"]),
+    )
+    return model, params, props
+
+
+def _dynamax_params(params, family: str) -> dict:
+    if family == "hmm":
+        keys = {
+            "initial_probs": params.initial.probs,
+            "transition_matrix": params.transitions.transition_matrix,
+            "means": params.emissions.means,
+            "covariances": params.emissions.covs,
+        }
+    else:
+        keys = {
+            "initial_mean": params.initial.mean,
+            "initial_covariance": params.initial.cov,
+            "transition_matrix": params.dynamics.weights,
+            "transition_covariance": params.dynamics.cov,
+            "observation_matrix": params.emissions.weights,
+            "observation_covariance": params.emissions.cov,
+        }
+    return {key: np.asarray(v, np.float64) for key, v in keys.items()}
+
+
+def run_dynamax(task: dict, x, init: dict) -> dict:
+    """dynamax's ``fit_em(params, props, y, num_iters, verbose=False)`` inside one
+    ``jax.jit`` (dynamax's own ``fit_em`` jits a fresh closure per call, so a plain second
+    call traces and compiles again), on the ``(N, T, D)`` batch: timed as elbo_jax, first
+    call and warm calls. Ragged sequences go in padded to the longest (dynamax has no
+    lengths): not the same problem, so the row's log-likelihood is not compared."""
+    import jax
+    import jax.numpy as jnp
+
+    family = task["family"]
+    # float32: JAX's 32-bit mode for the whole fit, as a float32 user runs dynamax (with
+    # 64-bit types enabled, its tfp distributions mix float32 and float64 and fail)
+    with jax.enable_x64(x.dtype == np.float64):
+        model, params, props = _dynamax_model_and_params(task, x, init)
+        y = jnp.asarray(x.frames)
+        fit = jax.jit(
+            lambda p, data: model.fit_em(p, props, data, num_iters=task["iters"], verbose=False)
+        )
+
+        def call():
+            t = _now()
+            out = jax.block_until_ready(fit(params, y))
+            return out, _now() - t
+
+        (fitted, log_probs), first = call()
+        warm = []
+        for _ in range(_repeats(first, task)):
+            (fitted, log_probs), dt = call()
+            warm.append(dt)
+    out = {
+        "params": _dynamax_params(fitted, family),
+        "first_s": first,
+        "warm_s": warm,
+        "iters": task["iters"],
+        "status": "MAX_ITERS",
+        "device_peak_mib": _device_peak_mib(),
+    }
+    notes = []
+    lp = np.asarray(log_probs, np.float64)
+    if family == "lgssm":  # no prior: log_probs are the log-likelihoods before each M-step
+        out["history"] = (lp / x.num_frames).tolist()
+    bad = np.flatnonzero(~np.isfinite(lp))
+    if family == "lgssm" and bad.size:
+        # log_probs[i]: the log-likelihood of the parameters after i M-steps
+        notes.append(
+            f"log-likelihood NaN from iteration {int(bad[0]) + 1}'s E-step on (the parameters "
+            f"after {int(bad[0])} M-step(s))"
+            + (
+                "; dynamax 1.0.3's M-step sets the initial covariance to "
+                "(Σ E[z0 z0ᵀ] − (Σ E[z0])(Σ E[z0])ᵀ) / N, not positive definite for a batch "
+                "of N > 1 sequences"
+                if x.num_sequences > 1
+                else ""
+            )
+        )
+    if not all(np.all(np.isfinite(v)) for v in out["params"].values()):
+        notes.append("final parameters not finite")
+    if family == "hmm":
+        notes.append(
+            "MAP, not ML: dynamax's emission prior cannot be made flat (its inverse-Wishart "
+            "needs df >= D), covariances S_k / (N_k + 2D + 2) instead of S_k / N_k; "
+            f"Dirichlet(1 + {DYNAMAX_DIRICHLET_EPS:g}) on the chain"
+        )
+    if not x.equal_lengths:
+        out["comparable"] = False
+        notes.append(
+            f"padded to the longest sequence ({x.frames.shape[1]} frames, "
+            f"{x.frames.shape[0] * x.frames.shape[1]:,} frames in all for {x.num_frames:,} real): "
+            "dynamax has no ragged sequences, so it fits the padding too; a different problem, "
+            "timing only (log-lik of its parameters on the real frames shown, not compared)"
+        )
+    out["note"] = "; ".join(notes) or None
+    return out
 
 
 # --------------------------------------------------------------------------- hand-written EM
@@ -273,6 +542,11 @@ RUNNERS = {
     "elbo_jax-generic": run_elbo_jax,
     "hand-em": run_hand_em,
     "sklearn": _peers.run_sklearn,
-    "pomegranate": _peers.run_pomegranate,
+    "pomegranate": lambda task, x, init: (
+        _peers.run_pomegranate_hmm if task["family"] == "hmm" else _peers.run_pomegranate
+    )(task, x, init),
     "gradients": run_gradients,
+    "dynamax": run_dynamax,
+    "hmmlearn": _peers.run_hmmlearn,
+    "pykalman": _peers.run_pykalman,
 }

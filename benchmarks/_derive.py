@@ -8,12 +8,36 @@ from . import _score, _workloads
 TARGET_GAP = 1e-4  # "within 1e-4 per datum of the best log-likelihood"
 
 
-def work_per_iter(w: _workloads.Workload, n: int, dtype: str) -> tuple[float, float, str]:
+def work_per_iter(
+    w: _workloads.Workload, n: int, dtype: str, frames: int | None = None
+) -> tuple[float, float, str]:
     """FLOPs and bytes of one EM iteration (the GEMM work an ideal implementation does, and
     one pass over the data in the E-step and one in the M-step plus the (N, K) table
-    written once and read twice), and the formula in words."""
+    written once and read twice), and the formula in words. Sequence workloads count
+    ``frames`` (the real frames, ``sum(lengths)``; default ``n * seq_len``) as N."""
     d, k = w.d, w.k
     item = np.dtype(dtype).itemsize
+    if w.is_sequences:
+        f = float(frames if frames is not None else n * w.seq_len)
+        if w.family == "lgssm":
+            s, o = k, d
+            flops = f * (14.0 * s**3 + 4.0 * s * s * o + 4.0 * s * o * o)
+            bytes_ = f * (2.0 * o + 2.0 * (s + s * s)) * item
+            formula = (
+                "F·(14·S³ + 4·S²·O + 4·S·O²), F frames, S = K states, O = D observed (Kalman "
+                "filter 4·S³ + 4·S²·O + 4·S·O², RTS smoother 8·S³, statistics 2·S³; a rough "
+                "count); bytes F·(2·O + 2·(S + S²))·itemsize (data twice, smoothed moments "
+                "written and read)"
+            )
+            return flops, bytes_, formula
+        flops = f * (4.0 * k * d * d + 6.0 * k * k)
+        bytes_ = f * (2.0 * d + 3.0 * k) * item
+        formula = (
+            "F·(4·K·D² + 6·K²), F = real frames (the full GMM's 4·N·K·D² with N = F, and "
+            "forward, backward and transition counts, 2·K² each per frame); bytes "
+            "F·(2·D + 3·K)·itemsize"
+        )
+        return flops, bytes_, formula
     if w.family == "gmm" and w.covariance_type == "full":
         flops = 4.0 * n * k * d * d
         formula = "4·N·K·D² (E-step ‖A_k(x−μ_k)‖² and M-step Σ r(x−μ)(x−μ)ᵀ, 2·N·K·D² each)"
@@ -102,7 +126,7 @@ def derive(rows: list[dict], ceilings: dict) -> None:
             continue
         if base and base["s_per_iter"]:
             r["ratio"] = r["s_per_iter"] / base["s_per_iter"]
-        comparable = r["iters"] == r["iters_requested"]
+        comparable = r["iters"] == r["iters_requested"] and r.get("comparable", True)
         if base and base["loglik"] is not None and r["loglik"] is not None and comparable:
             if np.isfinite(base["loglik"]) and np.isfinite(r["loglik"]):
                 r["rel_diff"] = (r["loglik"] - base["loglik"]) / abs(base["loglik"])
@@ -183,6 +207,111 @@ def targets(rows: list[dict]) -> list[dict]:
             "goal": "<= 2",
             "value": value,
             "met": None if value is None else bool(value <= 2),
+        }
+    )
+    if any(r["workload"] in ("hmm-gauss", "hmm-ragged", "lgssm") for r in rows):
+        out += sequence_targets(rows)
+    return out
+
+
+def _ratio_target(rows, workload, dtype, peer, goal, label=None) -> dict:
+    """``peer s/it ÷ elbo_jax s/it >= goal`` on ``workload`` and ``dtype``."""
+    p, ej = _find(rows, workload, peer, dtype), _find(rows, workload, "elbo_jax", dtype)
+    ok = p and ej and ej["s_per_iter"] and p["s_per_iter"] and p["iters"] == p["iters_requested"]
+    value = p["s_per_iter"] / ej["s_per_iter"] if ok else None
+    return {
+        "target": label or f"{workload} {dtype}: {peer} s/it ÷ elbo_jax s/it",
+        "goal": f">= {goal}",
+        "value": value,
+        "met": None if value is None else bool(value >= goal),
+    }
+
+
+def monotone_violations(history, rtol: float = 1e-9) -> int | None:
+    """Iterations whose log-likelihood is not finite or falls below the previous one by more
+    than ``rtol`` of its size (``None`` without a history)."""
+    if not history:
+        return None
+    h = np.asarray(history, float)
+    bad = int(np.sum(~np.isfinite(h)))
+    drops = h[:-1] - h[1:]
+    tol = rtol * np.maximum(np.abs(h[:-1]), 1.0)
+    with np.errstate(invalid="ignore"):
+        bad += int(np.sum(np.isfinite(drops) & (drops > tol)))
+    return bad
+
+
+def sequence_targets(rows: list[dict]) -> list[dict]:
+    """The targets of the sequence workloads (issue "Sequences: HMMs and LGSSMs")."""
+    out = [
+        _ratio_target(rows, "hmm-gauss", "float64", "dynamax", 2),
+        _ratio_target(rows, "hmm-gauss", "float64", "hmmlearn", 5),
+    ]
+    hl = _find(rows, "hmm-gauss", "hmmlearn", "float64")
+    value = abs(hl["rel_diff"]) if hl and hl.get("rel_diff") is not None else None
+    out.append(
+        {
+            "target": "hmm-gauss float64: hmmlearn's final log-lik, abs. relative difference "
+            "to elbo_jax's",
+            "goal": "<= 1e-8",
+            "value": value,
+            "met": None if value is None else bool(value <= 1e-8),
+            "fmt": ".1e",
+        }
+    )
+    ej = _find(rows, "hmm-gauss", "elbo_jax", "float64")
+    value = ej["compile_s"] if ej else None
+    out.append(
+        {
+            "target": "hmm-gauss float64: compile time of the elbo_jax fit, s",
+            "goal": "<= 3",
+            "value": value,
+            "met": None if value is None else bool(value <= 3),
+        }
+    )
+    out.append(
+        _ratio_target(
+            rows,
+            "hmm-ragged",
+            "float64",
+            "dynamax",
+            2,
+            "hmm-ragged float64: dynamax (padded data) s/it ÷ elbo_jax s/it",
+        )
+    )
+    ej = _find(rows, "hmm-ragged", "elbo_jax", "float64")
+    extra = (ej or {}).get("extra") or {}
+    value = extra.get("new_lengths_compiles")
+    out.append(
+        {
+            "target": "hmm-ragged: compilations in an elbo_jax fit on new lengths (same padded size)",
+            "goal": "== 0",
+            "value": value,
+            "met": None if value is None else bool(value == 0),
+            "fmt": "d",
+        }
+    )
+    ej, dx = _find(rows, "lgssm", "elbo_jax", "float64"), _find(rows, "lgssm", "dynamax", "float64")
+    ok = ej and dx and ej["s_per_iter"] and dx["s_per_iter"]
+    value = ej["s_per_iter"] / dx["s_per_iter"] if ok else None
+    out.append(
+        {
+            "target": "lgssm float64: elbo_jax s/it ÷ dynamax s/it",
+            "goal": "<= 1",
+            "value": value,
+            "met": None if value is None else bool(value <= 1),
+        }
+    )
+    value = monotone_violations(ej.get("history")) if ej else None
+    iters = ej["iters"] if ej and ej.get("iters") else None
+    out.append(
+        {
+            "target": f"lgssm float64: elbo_jax iterations (of {iters or 100}) with a non-finite "
+            "or decreasing log-likelihood (by > 1e-9 relative)",
+            "goal": "== 0",
+            "value": value,
+            "met": None if value is None else bool(value == 0),
+            "fmt": "d",
         }
     )
     return out

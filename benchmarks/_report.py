@@ -40,7 +40,7 @@ def targets_md(results: dict) -> str:
     rows = []
     for t in results["targets"]:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        rows.append([t["target"], t["goal"], _f(t["value"], ".2f"), met])
+        rows.append([t["target"], t["goal"], _f(t["value"], t.get("fmt", ".2f")), met])
     return _table(["target", "goal", "measured", "met?"], rows)
 
 
@@ -151,8 +151,15 @@ def ceilings_md(results: dict) -> str:
 
 
 def workloads_md(results: dict) -> str:
+    def n_col(w):
+        if "num_sequences" not in w:
+            return f"{w['n']:,}"
+        lo, hi = w["seq_lengths"]
+        lengths = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
+        return f"{w['num_sequences']:,} seq. × {lengths} ({w['num_frames']:,} frames)"
+
     rows = [
-        [w["name"], f"{w['n']:,}", w["d"], w["k"], w["iters"], w["description"], w["start"]]
+        [w["name"], n_col(w), w["d"], w["k"], w["iters"], w["description"], w["start"]]
         for w in results["workloads"].values()
     ]
     return _table(["workload", "N", "D", "K", "iters", "what", "start"], rows)

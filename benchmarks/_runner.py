@@ -10,8 +10,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from . import _ceilings, _derive, _device, _score, _worker, _workloads
 from ._contenders import GRADIENT_METHODS
 
@@ -21,7 +19,15 @@ CONTENDERS = {
     "gmm": ("elbo_jax", "sklearn", "pomegranate"),
     "bernoulli": ("elbo_jax", "pomegranate"),
     "poisson": ("elbo_jax", "elbo_jax-generic", "hand-em", "pomegranate"),
+    "hmm": ("elbo_jax", "hmmlearn", "dynamax", "pomegranate"),
+    "lgssm": ("elbo_jax", "dynamax", "pykalman"),
 }
+
+
+def contenders_for(w, dtype: str) -> tuple[str, ...]:
+    """Who runs on workload ``w`` in ``dtype``: the workload's own list, else its family's."""
+    own = dict(w.contenders)
+    return own.get(dtype, CONTENDERS[w.family]) if own else CONTENDERS[w.family]
 
 
 def log(msg: str) -> None:
@@ -103,7 +109,10 @@ def ensure_start(w, n: int, in_process: bool, timeout_s: float) -> tuple[dict, s
         return _workloads.load_init(w, n)
     except FileNotFoundError:
         pass
-    if w.family != "gmm":
+    if w.family == "lgssm":
+        note = "deterministic start (m0 = 0, P0 = I, F = 0.9 I, Q = 0.1 I, H seeded Gaussian, R = 0.5 diag(var y))"
+        _workloads.save_init(w, n, _workloads.lgssm_init(w, x), note)
+    elif w.family not in ("gmm", "hmm"):
         _workloads.save_init(w, n, _workloads.simple_init(w, x), "simple deterministic start")
     else:
         log(f"[{w.name}] computing the shared start (cached afterwards)")
@@ -139,6 +148,8 @@ def _row(w, n, contender, dtype, iters, report, x, settings) -> dict:
         "warnings": report.get("warnings", []),
         "compute_dtype": None,
         "history": None,
+        "comparable": True,
+        "extra": None,
     }
     if "error" in report:
         row["status"] = f"failed: {report['error']}"
@@ -154,6 +165,8 @@ def _row(w, n, contender, dtype, iters, report, x, settings) -> dict:
         device_peak_mib=res.get("device_peak_mib"),
         compute_dtype=res.get("compute_dtype"),
         history=res.get("history"),
+        comparable=res.get("comparable", True),
+        extra=res.get("extra"),
     )
     best = min(res["warm_s"])
     row["s_per_iter"] = best / res["iters"]
@@ -161,7 +174,8 @@ def _row(w, n, contender, dtype, iters, report, x, settings) -> dict:
         row["compile_s"] = max(row["first_s"] - best, 0.0)
     if res.get("params") is not None:
         row["loglik"] = _score.score(w.family, x, res["params"], w.covariance_type)
-    flops, bytes_, _ = _derive.work_per_iter(w, n, dtype)
+    frames = x.num_frames if isinstance(x, _workloads.SeqData) else None
+    flops, bytes_, _ = _derive.work_per_iter(w, n, dtype, frames)
     row["flops_per_iter"], row["bytes_per_iter"] = flops, bytes_
     return row
 
@@ -196,13 +210,14 @@ def run_workload(
     n = w.num_data(scale / 20 if quick else scale)
     iters = w.num_iters(quick)
     init, init_note = ensure_start(w, n, in_process, settings["timeout_s"])
-    x64 = np.load(_workloads.data_path(w, n, "float64"))  # for scoring, in float64
+    x64 = _workloads.load_data(w, n, "float64")  # for scoring, in float64
     rows = []
     for dtype in w.dtypes:
         reports: dict[str, list] = {}
-        again = set(CONTENDERS[w.family])
+        contenders = contenders_for(w, dtype)
+        again = set(contenders)
         for round_ in range(max(1, settings["rounds"])):
-            for contender in CONTENDERS[w.family]:
+            for contender in contenders:
                 if contender not in again:
                     continue
                 task = {
@@ -215,7 +230,7 @@ def run_workload(
                     "iters": iters,
                     **settings,
                 }
-                why_not = available.get(contender)
+                why_not = available.get(contender) or available.get(f"{contender}@{w.family}")
                 if why_not:
                     report, took = {"error": f"skipped: {why_not}"}, 0.0
                 else:
@@ -229,7 +244,7 @@ def run_workload(
                 reports.setdefault(contender, []).append(report)
                 if why_not or "error" in report or took > settings["round_budget_s"]:
                     again.discard(contender)
-        for contender in CONTENDERS[w.family]:
+        for contender in contenders:
             report = _merge_rounds(reports[contender])
             rows.append(_row(w, n, contender, dtype, iters, report, x64, settings))
     grad_rows = []
@@ -270,7 +285,14 @@ def run_workload(
         "gradient_iters": grad_iters,
         "start": init_note,
         "work_formula": _derive.work_per_iter(w, n, "float64")[2],
+        "contenders": {dtype: list(contenders_for(w, dtype)) for dtype in w.dtypes},
     }
+    if isinstance(x64, _workloads.SeqData):
+        info.update(
+            num_sequences=x64.num_sequences,
+            num_frames=x64.num_frames,
+            seq_lengths=[int(x64.lengths.min()), int(x64.lengths.max())],
+        )
     return rows, grad_rows, info
 
 
@@ -280,7 +302,9 @@ def run(*, names, quick, scale, in_process, methods=None) -> dict:
 
     start = time.perf_counter()
     settings = _settings(quick)
-    available = _device.peers_available()
+    workloads = [_workloads.WORKLOADS[name] for name in names]
+    needed = {c for w in workloads for dtype in w.dtypes for c in contenders_for(w, dtype)}
+    available = _device.peers_available(needed, {w.family for w in workloads})
     methods = list(GRADIENT_METHODS) if methods is None else methods
     results = {
         "schema": 1,
@@ -289,8 +313,8 @@ def run(*, names, quick, scale, in_process, methods=None) -> dict:
         "in_process": in_process,
         "device": _device.device_info(),
         "elbo_jax_device_note": (
-            f"elbo_jax and hand-written EM rows run on {jax.devices()[0].platform}; "
-            "scikit-learn and pomegranate run on the CPU"
+            f"elbo_jax, hand-written EM and dynamax rows run on {jax.devices()[0].platform}; "
+            "scikit-learn, pomegranate, hmmlearn and pykalman run on the CPU"
         ),
         "settings": settings,
         "peers": available,

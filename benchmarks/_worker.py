@@ -21,7 +21,8 @@ from . import _workloads
 
 def _setup(task: dict) -> None:
     """Imports and backend start-up, so that they are in the baseline, not in the peak."""
-    if task["contender"] in ("elbo_jax", "elbo_jax-generic", "hand-em", "gradients", "init"):
+    jax_contenders = ("elbo_jax", "elbo_jax-generic", "hand-em", "gradients", "init", "dynamax")
+    if task["contender"] in jax_contenders:
         import jax
 
         jax.config.update("jax_enable_x64", True)
@@ -30,6 +31,10 @@ def _setup(task: dict) -> None:
 
         import elbo_jax  # noqa: F401
 
+        if task["contender"] == "dynamax":
+            import dynamax.hidden_markov_model  # noqa: F401
+            import dynamax.linear_gaussian_ssm  # noqa: F401
+
         jnp.zeros(()).block_until_ready()
     elif task["contender"] == "sklearn":
         import sklearn.mixture  # noqa: F401
@@ -37,17 +42,24 @@ def _setup(task: dict) -> None:
         import pomegranate.gmm  # noqa: F401
         import torch  # noqa: F401
 
+        if task.get("family") == "hmm":
+            import pomegranate.hmm  # noqa: F401
+    elif task["contender"] == "hmmlearn":
+        import hmmlearn.hmm  # noqa: F401
+    elif task["contender"] == "pykalman":
+        import pykalman  # noqa: F401
+
 
 def execute(task: dict) -> dict:
     """Run ``task`` in this process: ``{"result": ..., "warnings": [...]}`` (params inside)."""
 
     w = _workloads.WORKLOADS[task["workload"]]
     if task["contender"] == "init":
-        x = np.load(_workloads.data_path(w, task["n"], "float64"))
-        out = _workloads.gmm_init(w, x)
+        x = _workloads.load_data(w, task["n"], "float64")
+        out = _workloads.make_init(w, x)
         _workloads.save_init(w, task["n"], out["params"], out["note"])
         return {"result": {"note": out["note"]}, "warnings": []}
-    x = np.load(_workloads.data_path(w, task["n"], task["dtype"]))
+    x = _workloads.load_data(w, task["n"], task["dtype"])
     init, _ = _workloads.load_init(w, task["n"])
     return run_loaded(task, x, init)
 
@@ -125,7 +137,7 @@ def main(argv: list[str]) -> int:
             report = execute(task)
             Path(task["result_out"]).write_text(json.dumps(report))
             return 0
-        x = np.load(_workloads.data_path(w, task["n"], task["dtype"]))
+        x = _workloads.load_data(w, task["n"], task["dtype"])
         init, _ = _workloads.load_init(w, task["n"])
         baseline_kib, how = _peak_baseline()
         report = run_loaded(task, x, init)

@@ -38,10 +38,26 @@ class Workload:
     scalable: bool = True  # False: real data of fixed size (digits)
     grad_methods: tuple[str, ...] = ALL_METHODS  # gradient M-steps compared with exact EM
     grad_iters: int | None = None  # iterations of the exact-vs-gradient runs (None: iters)
+    # Sequence workloads ("hmm", "lgssm"): ``n`` is the number of sequences, each of
+    # ``seq_len`` frames, or of a length drawn uniformly in [min_seq_len, seq_len] (ragged).
+    seq_len: int | None = None
+    min_seq_len: int | None = None
+    # ((dtype, (contender, ...)), ...): who runs for each dtype; empty: the family's list
+    contenders: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def is_sequences(self) -> bool:
+        return self.seq_len is not None
+
+    @property
+    def ragged(self) -> bool:
+        return self.min_seq_len is not None
 
     def num_data(self, scale: float) -> int:
         if not self.scalable:
             return self.n
+        if self.is_sequences:  # sequences keep their length; their number scales
+            return max(2, int(round(self.n * scale)))
         return max(50 * self.k, int(round(self.n * scale)))
 
     def num_iters(self, quick: bool) -> int:
@@ -118,6 +134,65 @@ WORKLOADS: dict[str, Workload] = {
             "(latent + log_joint, no hooks)",
             grad_methods=CHEAP_METHODS,
         ),
+        Workload(
+            "hmm-gauss",
+            "hmm",
+            100,
+            4,
+            8,
+            20,
+            10,
+            ("float64", "float32"),
+            "float64",
+            5,
+            "Gaussian HMM, K=8 states, full covariances: N=100 sequences of T=1,000 frames in "
+            "D=4 from a random sticky ground truth (0.9 on the diagonal); N counts sequences, "
+            "log-lik per frame",
+            covariance_type="full",
+            grad_methods=(),
+            seq_len=1000,
+            contenders=(
+                ("float64", ("elbo_jax", "hmmlearn", "dynamax", "pomegranate")),
+                ("float32", ("elbo_jax", "dynamax")),
+            ),
+        ),
+        Workload(
+            "hmm-ragged",
+            "hmm",
+            1000,
+            4,
+            8,
+            10,
+            5,
+            ("float64",),
+            "float64",
+            6,
+            "Gaussian HMM, K=8 states, full covariances, ragged: N=1,000 sequences of lengths "
+            "uniform in [200, 2,000] in D=4 from a random sticky ground truth; N counts "
+            "sequences, log-lik per frame",
+            covariance_type="full",
+            grad_methods=(),
+            seq_len=2000,
+            min_seq_len=200,
+            contenders=(("float64", ("elbo_jax", "hmmlearn", "dynamax")),),
+        ),
+        Workload(
+            "lgssm",
+            "lgssm",
+            20,
+            2,
+            4,
+            100,
+            20,
+            ("float64",),
+            "float64",
+            7,
+            "linear-Gaussian state-space model, state dimension 4 (the K column), observations "
+            "D=2: N=20 sequences of T=500 frames from a random stable ground truth (spectral "
+            "radius 0.95); N counts sequences, log-lik per frame",
+            grad_methods=(),
+            seq_len=500,
+        ),
     ]
 }
 
@@ -133,6 +208,8 @@ def cache_dir() -> Path:
 
 def _stem(w: Workload, n: int) -> str:
     what = [w.name, w.family, w.d, w.k, w.seed, w.covariance_type, n, DATA_VERSION]
+    if w.is_sequences:  # (the mixtures' cache names stay as they were)
+        what += [w.seq_len, w.min_seq_len]
     key = json.dumps(what)
     return f"{w.name}-n{n}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
@@ -143,6 +220,57 @@ def data_path(w: Workload, n: int, dtype: str) -> Path:
 
 def init_path(w: Workload, n: int) -> Path:
     return cache_dir() / f"{_stem(w, n)}-init.npz"
+
+
+def lengths_path(w: Workload, n: int) -> Path:
+    return cache_dir() / f"{_stem(w, n)}-lengths.npy"
+
+
+class SeqData:
+    """``N`` sequences: ``frames`` ``(N, T, D)`` padded to the longest (padding frames are
+    copies of each sequence's first frame, as ``ej.Sequences.from_list`` pads) and
+    ``lengths`` ``(N,)``."""
+
+    def __init__(self, frames: np.ndarray, lengths: np.ndarray):
+        self.frames = frames
+        self.lengths = np.asarray(lengths, np.int64)
+
+    @property
+    def dtype(self):
+        return self.frames.dtype
+
+    @property
+    def num_sequences(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def num_frames(self) -> int:
+        """The real frames, ``sum(lengths)``."""
+        return int(self.lengths.sum())
+
+    @property
+    def equal_lengths(self) -> bool:
+        return bool(np.all(self.lengths == self.frames.shape[1]))
+
+    def to_list(self) -> list[np.ndarray]:
+        return [self.frames[i, :length] for i, length in enumerate(self.lengths)]
+
+    def concatenated(self) -> np.ndarray:
+        """The real frames one sequence after another, ``(sum(lengths), D)``."""
+        if self.equal_lengths:
+            return self.frames.reshape(-1, self.frames.shape[-1])
+        return np.concatenate(self.to_list())
+
+
+def load_data(w: Workload, n: int, dtype: str):
+    """The cached data of one dtype: an array ``(N, D)`` for the mixtures, ``SeqData`` for
+    the sequence workloads."""
+    x = np.load(data_path(w, n, dtype))
+    if not w.is_sequences:
+        return x
+    path = lengths_path(w, n)
+    lengths = np.load(path) if path.exists() else np.full(x.shape[0], x.shape[1])
+    return SeqData(x, lengths)
 
 
 # --------------------------------------------------------------------------- data
@@ -186,28 +314,117 @@ def _sample_poisson(rng: np.random.Generator, w: Workload, n: int) -> np.ndarray
     return rng.poisson(rates[z]).astype(np.float64)
 
 
-def make_data(w: Workload, n: int) -> np.ndarray:
-    """The workload's float64 data, ``(n, D)`` (deterministic in ``w.seed``)."""
+def _lengths(rng: np.random.Generator, w: Workload, n: int) -> np.ndarray:
+    if w.ragged:
+        return rng.integers(w.min_seq_len, w.seq_len + 1, size=n)
+    return np.full(n, w.seq_len)
+
+
+def _pad_with_first_frame(frames: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Padding frames (past each length) replaced by the sequence's first frame, as
+    ``ej.Sequences.from_list`` pads."""
+    real = np.arange(frames.shape[1])[None, :] < lengths[:, None]
+    return np.where(real[..., None], frames, frames[:, :1])
+
+
+def random_hmm(w: Workload) -> dict[str, np.ndarray]:
+    """The ground-truth Gaussian HMM: initial probabilities Dirichlet(5), sticky transitions
+    (0.9 on the diagonal, the rest Dirichlet(1)-spread over the other states), emissions as
+    the GMM workloads' (means N(0, 2²), covariances ``s·AAᵀ + 0.3 I``)."""
+    rng = np.random.default_rng(w.seed)
+    k = w.k
+    initial = rng.dirichlet(np.full(k, 5.0))
+    transition = np.zeros((k, k))
+    for i in range(k):
+        others = [j for j in range(k) if j != i]
+        transition[i, others] = 0.1 * rng.dirichlet(np.ones(k - 1))
+        transition[i, i] = 0.9
+    _, means, covs = _random_gmm(rng, w)
+    return {"initial": initial, "transition": transition, "means": means, "covariances": covs}
+
+
+def _sample_hmm(rng: np.random.Generator, w: Workload, n: int) -> SeqData:
+    truth = random_hmm(w)
+    lengths = _lengths(rng, w, n)
+    t_max = int(lengths.max())
+    cum = np.cumsum(truth["transition"], axis=1)
+    z = np.empty((n, t_max), np.int64)
+    z[:, 0] = rng.choice(w.k, size=n, p=truth["initial"])
+    u = rng.random((n, t_max))
+    for t in range(1, t_max):  # inverse-CDF draws, all sequences at once
+        z[:, t] = np.minimum((cum[z[:, t - 1]] < u[:, t, None]).sum(axis=1), w.k - 1)
+    chol = np.linalg.cholesky(truth["covariances"])
+    eps = rng.standard_normal((n, t_max, w.d))
+    frames = truth["means"][z] + np.einsum("ntij,ntj->nti", chol[z], eps)
+    return SeqData(_pad_with_first_frame(frames, lengths), lengths)
+
+
+def random_lgssm(w: Workload) -> dict[str, np.ndarray]:
+    """The ground-truth linear-Gaussian SSM (state ``w.k``, observations ``w.d``): a
+    Gaussian transition matrix scaled to spectral radius 0.95, covariances ``0.1·(BBᵀ/S +
+    0.5 I)`` (transition) and ``0.5·(CCᵀ/O + 0.5 I)`` (observation), ``H`` Gaussian,
+    initial state N(N(0, 1), I)."""
+    rng = np.random.default_rng(w.seed)
+    s, o = w.k, w.d
+    a = rng.normal(size=(s, s))
+    f = 0.95 * a / np.max(np.abs(np.linalg.eigvals(a)))
+    b = rng.normal(size=(s, s))
+    c = rng.normal(size=(o, o))
+    return {
+        "initial_mean": rng.normal(size=s),
+        "initial_covariance": np.eye(s),
+        "transition_matrix": f,
+        "transition_covariance": 0.1 * (b @ b.T / s + 0.5 * np.eye(s)),
+        "observation_matrix": rng.normal(size=(o, s)),
+        "observation_covariance": 0.5 * (c @ c.T / o + 0.5 * np.eye(o)),
+    }
+
+
+def _sample_lgssm(rng: np.random.Generator, w: Workload, n: int) -> SeqData:
+    p = random_lgssm(w)
+    t_max = w.seq_len
+    lq = np.linalg.cholesky(p["transition_covariance"])
+    lr = np.linalg.cholesky(p["observation_covariance"])
+    z = (
+        p["initial_mean"]
+        + rng.standard_normal((n, w.k)) @ np.linalg.cholesky(p["initial_covariance"]).T
+    )
+    y = np.empty((n, t_max, w.d))
+    for t in range(t_max):
+        y[:, t] = z @ p["observation_matrix"].T + rng.standard_normal((n, w.d)) @ lr.T
+        z = z @ p["transition_matrix"].T + rng.standard_normal((n, w.k)) @ lq.T
+    return SeqData(y, np.full(n, t_max))
+
+
+def make_data(w: Workload, n: int):
+    """The workload's float64 data, ``(n, D)`` or ``SeqData`` (deterministic in ``w.seed``)."""
     rng = np.random.default_rng(w.seed)
     if w.family == "gmm":
         return _sample_gmm(rng, w, n)
     if w.family == "bernoulli":
         return _digits()
+    if w.family == "hmm":
+        return _sample_hmm(np.random.default_rng(w.seed + 1), w, n)
+    if w.family == "lgssm":
+        return _sample_lgssm(np.random.default_rng(w.seed + 1), w, n)
     return _sample_poisson(rng, w, n)
 
 
-def prepare_data(w: Workload, n: int) -> np.ndarray:
-    """Write the cached ``.npy`` files (float64 and float32) unless present; return float64."""
+def prepare_data(w: Workload, n: int):
+    """Write the cached ``.npy`` files (float64 and float32, and the lengths of ragged
+    sequences) unless present; return the float64 data (``SeqData`` for sequences)."""
     p64 = data_path(w, n, "float64")
-    if p64.exists():
-        x = np.load(p64)
-    else:
+    if not p64.exists():
         x = make_data(w, n)
+        if isinstance(x, SeqData):
+            if not x.equal_lengths:
+                np.save(lengths_path(w, n), x.lengths)
+            x = x.frames
         np.save(p64, x)
     p32 = data_path(w, n, "float32")
     if not p32.exists():
-        np.save(p32, x.astype(np.float32))
-    return x
+        np.save(p32, np.load(p64).astype(np.float32))
+    return load_data(w, n, "float64")
 
 
 # --------------------------------------------------------------------------- start
@@ -253,6 +470,53 @@ def gmm_init(w: Workload, x: np.ndarray) -> dict:
     }
     params["weights"] = params["weights"] / params["weights"].sum()
     return {"params": params, "note": note}
+
+
+def hmm_init(w: Workload, x: SeqData) -> dict:
+    """``ej.models.GaussianHMM.initialize(jax.random.key(seed), x, K)`` in float64 (``x``
+    as ``ej.Sequences`` when ragged): k-means++ emissions, uniform initial and transition
+    probabilities."""
+    import jax
+
+    import elbo_jax as ej
+
+    data = x.frames if x.equal_lengths else ej.Sequences.from_list(x.to_list())
+    model = ej.models.GaussianHMM.initialize(
+        jax.random.key(w.seed), data, w.k, covariance_type=w.covariance_type
+    )
+    params = {
+        "initial_probs": np.asarray(model.initial_probs, np.float64),
+        "transition_matrix": np.asarray(model.transition_matrix, np.float64),
+        "means": np.asarray(model.means, np.float64),
+        "covariances": np.asarray(model.covariances, np.float64),
+    }
+    note = "ej.models.GaussianHMM.initialize(jax.random.key(seed), x, K)"
+    return {"params": params, "note": note}
+
+
+def lgssm_init(w: Workload, x: SeqData) -> dict[str, np.ndarray]:
+    """The deterministic start of the LGSSM workload: ``m0 = 0``, ``P0 = I``,
+    ``F = 0.9 I``, ``Q = 0.1 I``, ``H`` Gaussian (seed ``seed + 1000``) with rows scaled to
+    the observations' standard deviations over ``sqrt(S)``, ``R = 0.5·diag(var(y))``."""
+    rng = np.random.default_rng(w.seed + 1000)
+    s = w.k
+    y = x.concatenated()
+    sd = y.std(axis=0)
+    return {
+        "initial_mean": np.zeros(s),
+        "initial_covariance": np.eye(s),
+        "transition_matrix": 0.9 * np.eye(s),
+        "transition_covariance": 0.1 * np.eye(s),
+        "observation_matrix": rng.normal(size=(w.d, s)) * (sd / np.sqrt(s))[:, None],
+        "observation_covariance": np.diag(0.5 * sd**2),
+    }
+
+
+def make_init(w: Workload, x) -> dict:
+    """The start that needs JAX (GMMs, HMMs): ``{"params", "note"}``."""
+    if w.family == "hmm":
+        return hmm_init(w, x)
+    return gmm_init(w, x)
 
 
 def load_init(w: Workload, n: int) -> tuple[dict[str, np.ndarray], str]:

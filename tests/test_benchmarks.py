@@ -1,7 +1,8 @@
 """The benchmark entry point, ``python -m benchmarks run --quick``, at a tiny scale and
 in-process: it runs end to end, writes JSON and markdown with the expected keys, and
-elbo_jax's exact EM agrees with scikit-learn (GMM full and diag, float64) and with the
-hand-written EM (user-model). No time is asserted: speed claims live in the benchmark."""
+elbo_jax's exact EM agrees with scikit-learn (GMM full and diag, float64), with the
+hand-written EM (user-model) and with hmmlearn (the HMM workloads, equal and ragged
+lengths). No time is asserted: speed claims live in the benchmark."""
 
 import importlib.util
 import json
@@ -17,6 +18,15 @@ pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_POMEGRANATE = all(importlib.util.find_spec(m) is not None for m in ("torch", "pomegranate"))
+WORKLOADS = {
+    "gmm-full",
+    "gmm-diag",
+    "bernoulli-digits",
+    "user-model",
+    "hmm-gauss",
+    "hmm-ragged",
+    "lgssm",
+}
 ROW_KEYS = {
     "workload",
     "contender",
@@ -104,7 +114,7 @@ def test_files_and_keys(run):
         assert key in saved["device"]
     assert set(saved["ceilings"]["matmul_flops"]) == {"float32", "float64"}
     assert saved["ceilings"]["bandwidth_bytes_per_s"] > 0
-    assert set(saved["workloads"]) == {"gmm-full", "gmm-diag", "bernoulli-digits", "user-model"}
+    assert set(saved["workloads"]) == WORKLOADS
     for row in saved["rows"]:
         assert ROW_KEYS <= set(row)
         assert row["peak_mib"] is None  # in-process: no peak memory
@@ -131,7 +141,12 @@ def test_files_and_keys(run):
 
 def test_every_elbo_jax_row_ran(run):
     results, _ = run
+    import elbo_jax as ej
+
     for row in results["rows"]:
+        if row["workload"] == "lgssm" and not hasattr(ej.models, "LinearGaussianSSM"):
+            assert "not available" in row["status"]  # skipped until the model exists
+            continue
         if row["contender"] in ("elbo_jax", "elbo_jax-generic", "hand-em", "sklearn"):
             assert row["status"] == "MAX_ITERS", row
             assert row["iters"] == row["iters_requested"]
@@ -159,6 +174,20 @@ def test_elbo_jax_agrees_with_hand_written_em(run):
     assert max(abs(a - b) for a, b in zip(ej, hand["history"], strict=True)) < 1e-8
 
 
+@pytest.mark.parametrize("workload", ["hmm-gauss", "hmm-ragged"])
+def test_elbo_jax_hmm_agrees_with_hmmlearn(run, workload):
+    pytest.importorskip("hmmlearn")
+    results, _ = run
+    ej, hl = _row(results, workload, "elbo_jax"), _row(results, workload, "hmmlearn")
+    assert ej["status"] == "MAX_ITERS" and hl["iters"] == hl["iters_requested"]
+    assert abs(hl["rel_diff"]) < 1e-8
+
+
+def test_ragged_hmm_fit_on_new_lengths_does_not_recompile(run):
+    results, _ = run
+    assert _row(results, "hmm-ragged", "elbo_jax")["extra"]["new_lengths_compiles"] == 0
+
+
 def test_pomegranate_rows(run):
     results, _ = run
     rows = [r for r in results["rows"] if r["contender"] == "pomegranate"]
@@ -167,6 +196,7 @@ def test_pomegranate_rows(run):
         "gmm-diag",
         "bernoulli-digits",
         "user-model",
+        "hmm-gauss",
     }
     if not HAVE_POMEGRANATE:
         assert all("not installed" in r["status"] for r in rows)
