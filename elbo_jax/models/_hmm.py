@@ -217,22 +217,24 @@ class HMM(Model):
         del x
 
     # ------------------------------------------------------------- evaluation
+    # Each compiles once per model structure and data shape (op by op, every first call of
+    # a new shape would compile each operation on its own: seconds).
     def _sequences(self, x: Any) -> Sequences:
         return prepare_data(self, x)
 
     def predict(self, x: Any) -> Int[Array, "N T"]:
         r"""The most probable state paths $\arg\max_z p(z \mid x_n, \theta)$ (Viterbi),
         ``(N, T)``; frames past a sequence's length repeat its last state."""
-        return chain_mode(self, self._sequences(x))[0]
+        return _viterbi_paths(self, self._sequences(x))
 
     def predict_proba(self, x: Any) -> Float[Array, "N T K"]:
         r"""The posterior state probabilities $p(z_t{=}k \mid x_n, \theta)$ (forward–backward),
         ``(N, T, K)``; 0 on frames past a sequence's length."""
-        return self.posterior(self._sequences(x)).marginals
+        return _marginals(self, self._sequences(x))
 
     def score(self, x: Any) -> Scalar:
         r"""$\frac1N\sum_n \log p(x_n \mid \theta)$ per sequence (``ej.log_evidence``)."""
-        return jnp.mean(self.log_marginal(self._sequences(x)))
+        return jnp.mean(_log_marginals(self, self._sequences(x)))
 
     @property
     def n_parameters(self) -> int:
@@ -248,9 +250,9 @@ class HMM(Model):
         r"""$-2\log p(x \mid \theta) + p\log(\text{number of frames})$ (lower is better), with
         $p$ = ``n_parameters``."""
         x = self._sequences(x)
-        frames = jnp.sum(jnp.asarray(x.lengths)).astype(float_dtype(self))
-        total = jnp.sum(self.log_marginal(x))
-        return -2 * total + self.n_parameters * jnp.log(frames)
+        frames = np.sum(np.asarray(x.lengths))
+        total = jnp.sum(_log_marginals(self, x))
+        return -2 * total + self.n_parameters * math.log(frames)
 
     # ------------------------------------------------------------- sampling
     def sample(self, key: Key, num_sequences: int, num_steps: int) -> tuple[Any, Int[Array, "N T"]]:
@@ -268,6 +270,21 @@ class HMM(Model):
     def sample_frames(self, key: Key, states: Int[Array, "N T"]) -> Any:
         """Frames drawn from the emissions given the states (built-in models define it)."""
         raise NotImplementedError(f"{type(self).__name__} has no sample_frames")
+
+
+@eqx.filter_jit
+def _viterbi_paths(model: HMM, x: Sequences) -> Array:
+    return chain_mode(model, x)[0]
+
+
+@eqx.filter_jit
+def _marginals(model: HMM, x: Sequences) -> Array:
+    return model.posterior(x).marginals
+
+
+@eqx.filter_jit
+def _log_marginals(model: HMM, x: Sequences) -> Array:
+    return model.log_marginal(x)
 
 
 # --------------------------------------------------------------------------- closed forms

@@ -555,19 +555,16 @@ class LinearGaussianSSM(Model):
     def filter(self, x: Any) -> kalman.FilterResult:
         r"""Kalman filtering of every sequence: $\log p(y_n)$ ``(N,)``, $E[z_t \mid y_{0:t}]$
         ``(N, T, S)`` and the covariances ``(N, T, S, S)`` (0 past each length)."""
-        x = self._sequences(x)
-        return jax.vmap(kalman.kalman_filter, in_axes=(None, 0, 0))(
-            self.params(), x.frames, jnp.asarray(x.lengths)
-        )
+        return _filter(self, self._sequences(x))
 
     def smooth(self, x: Any) -> kalman.SmootherResult:
         r"""RTS smoothing of every sequence: $\log p(y_n)$, $E[z_t \mid y]$, $\mathrm{Cov}[z_t
         \mid y]$ and $\mathrm{Cov}[z_{t+1}, z_t \mid y]$ (0 past each length)."""
-        return self._smooth(self._sequences(x))
+        return _smooth(self, self._sequences(x))
 
     def score(self, x: Any) -> Scalar:
         r"""$\frac1N\sum_n\log p(y_n \mid \theta)$ (``ej.log_evidence``)."""
-        return jnp.mean(self.log_marginal(self._sequences(x)))
+        return jnp.mean(_log_marginals(self, self._sequences(x)))
 
     def sample(self, key: Key, num_sequences: int, num_steps: int) -> tuple[Array, Array]:
         """``(states (N, T, S), observations (N, T, O))`` drawn from the model."""
@@ -611,3 +608,22 @@ class LinearGaussianSSM(Model):
             np.diag(resid).astype(dtype),
             **kwargs,
         )
+
+
+# Compiled once per model structure and data shape (op by op, each first call would
+# compile every operation on its own).
+@eqx.filter_jit
+def _filter(model: LinearGaussianSSM, x: Sequences) -> kalman.FilterResult:
+    return jax.vmap(kalman.kalman_filter, in_axes=(None, 0, 0))(
+        model.params(), x.frames, jnp.asarray(x.lengths)
+    )
+
+
+@eqx.filter_jit
+def _smooth(model: LinearGaussianSSM, x: Sequences) -> kalman.SmootherResult:
+    return model._smooth(x)
+
+
+@eqx.filter_jit
+def _log_marginals(model: LinearGaussianSSM, x: Sequences) -> Array:
+    return model.log_marginal(x)
