@@ -117,11 +117,14 @@ class ChainPosterior(AbstractQ):
 def chain_posterior(model: Any, x: Sequences) -> tuple[PerDatum, ChainPosterior]:
     r"""$\log p(x_n \mid \theta)$ ``(N,)`` and the exact posterior of every sequence."""
     log_initial, log_transition, emissions = chain_factors(model, x)
-    parallel = use_parallel(model, x.num_frames)
-    smooth = lambda *args: hmm.forward_backward(*args, parallel=parallel)
-    out = jax.vmap(smooth, in_axes=(None, None, 0, 0))(
-        log_initial, log_transition, emissions, x.lengths
-    )
+    lengths = jnp.asarray(x.lengths)
+    if use_parallel(model, x.num_frames):
+        smooth = lambda *args: hmm.forward_backward(*args, parallel=True)
+        out = jax.vmap(smooth, in_axes=(None, None, 0, 0))(
+            log_initial, log_transition, emissions, lengths
+        )
+    else:
+        out = hmm.forward_backward_batch(log_initial, log_transition, emissions, lengths)
     expected = expected_log_joint(
         log_initial, log_transition, emissions, out.marginals, out.transition_counts
     )
@@ -133,11 +136,13 @@ def chain_posterior(model: Any, x: Sequences) -> tuple[PerDatum, ChainPosterior]
 def chain_log_marginal(model: Any, x: Sequences) -> PerDatum:
     r"""$\log p(x_n \mid \theta)$ by the forward pass alone, ``(N,)``."""
     log_initial, log_transition, emissions = chain_factors(model, x)
-    parallel = use_parallel(model, x.num_frames)
-    forward = lambda *args: hmm.log_normalizer(*args, parallel=parallel)
-    return jax.vmap(forward, in_axes=(None, None, 0, 0))(
-        log_initial, log_transition, emissions, x.lengths
-    )
+    lengths = jnp.asarray(x.lengths)
+    if use_parallel(model, x.num_frames):
+        forward = lambda *args: hmm.log_normalizer(*args, parallel=True)
+        return jax.vmap(forward, in_axes=(None, None, 0, 0))(
+            log_initial, log_transition, emissions, lengths
+        )
+    return hmm.log_normalizer_batch(log_initial, log_transition, emissions, lengths)
 
 
 def chain_mode(model: Any, x: Sequences) -> tuple[Array, PerDatum]:

@@ -337,3 +337,60 @@ def test_sample_states_frequencies():
     np.add.at(counts, (draws[:, :-1].ravel(), draws[:, 1:].ravel()), 1.0)
     assert counts[0, 2] == 0.0
     np.testing.assert_allclose(counts / counts.sum(axis=1, keepdims=True), np.exp(lt), atol=0.02)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Batches: the scaled recursion and its log-space fallback
+
+batch_fast = jax.jit(hmm.forward_backward_batch)
+batch_fast_log_z = jax.jit(hmm.log_normalizer_batch)
+
+
+def test_batch_scaled_recursion_matches_brute_force(short_batch):
+    li, lt, e = short_batch
+    out = batch_fast(li, lt, e, LENGTHS)
+    lz = batch_fast_log_z(li, lt, e, LENGTHS)
+    for b, length in enumerate(LENGTHS):
+        log_z, marginals, counts, _, _ = brute_force(li, lt, e[b], length)
+        np.testing.assert_allclose(out.log_normalizer[b], log_z, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(lz[b], log_z, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(out.marginals[b], marginals, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(out.transition_counts[b], counts, rtol=0, atol=1e-10)
+        assert np.all(np.asarray(out.marginals[b, length:]) == 0.0)
+
+
+def test_batch_float32_matches_float64(peaked_pair):
+    args32, _, lengths, reference = peaked_pair
+    assert_close_to_float64(batch_fast(*args32, lengths), reference)
+    lz32 = batch_fast_log_z(*args32, lengths)
+    np.testing.assert_allclose(np.asarray(lz32, np.float64), reference.log_normalizer, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_falls_back_to_log_space_where_scaling_would_underflow(dtype):
+    """A left-to-right chain (structural zeros) and a frame that an unreachable state
+    explains e^4000 better than the reachable ones: the scaled normaliser underflows, the
+    batch is done in log space, and the answer is the log-space one (finite, no NaN)."""
+    rng = np.random.default_rng(7)
+    k, t = 4, 60
+    li = np.full(k, -np.inf)
+    li[0] = 0.0
+    stay = rng.uniform(0.3, 0.9, k)
+    lt = np.full((k, k), -np.inf)
+    for i in range(k):  # stay, or move one state on
+        lt[i, i] = np.log(stay[i]) if i < k - 1 else 0.0
+        if i < k - 1:
+            lt[i, i + 1] = np.log1p(-stay[i])
+    e = rng.normal(size=(2, t, k))
+    e[:, 1, 3] = 2000.0  # state 3 cannot be reached at t = 1
+    e[:, 1, :3] = -2000.0
+    args = [jnp.asarray(v, dtype) for v in (li, lt, e)]
+    lengths = np.array([t, 40])
+    log_z, _, _, smallest = hmm._scaled_batch(*args, lengths, smooth=False)
+    assert hmm._fallback_needed(smallest, log_z)  # the scaled recursion alone would fail here
+    got = batch_fast(*args, lengths)
+    want = batch_forward_backward(*args, lengths)
+    for x, y in zip(got, want, strict=True):
+        assert np.all(np.isfinite(np.asarray(x)))
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(batch_fast_log_z(*args, lengths), want.log_normalizer, rtol=1e-6)

@@ -357,3 +357,129 @@ def sample_states(key: Array, log_initial: Array, log_transition: Array, num_ste
 
     _, rest = jax.lax.scan(step, first, noise[1:])
     return jnp.concatenate([first[None], rest])
+
+
+# ---------------------------------------------------------------------------------------
+# Batches: the scaled (probability-space) recursion, with the log-space one as a fallback
+
+# Time steps per trip of the scans' loops: fewer trips, less loop overhead per step.
+_UNROLL = 2
+
+
+def _scaled_batch(log_initial, log_transition, log_emissions, lengths, *, smooth: bool):
+    r"""The scaled recursion for a batch, time-major inside (each scan step works on all
+    sequences at once). Forward: $\hat\alpha_t = p(z_t \mid x_{0:t}) \propto
+    (\hat\alpha_{t-1}A) \odot b_t$ with $b_t = \exp(e_t - \max_k e_t)$ and normaliser $c_t$;
+    backward: $\tilde\beta_t \propto A(b_{t+1} \odot \tilde\beta_{t+1})$, summing to 1, with
+    normaliser $d_t$. Frames $t \ge L$ carry the messages unchanged (normaliser 1).
+    Returns ``(log p(x) (N,), marginals (N, T, K), counts (N, K, K), smallest normaliser
+    (N,))``, the middle two ``None`` unless ``smooth``."""
+    n, t, k = log_emissions.shape
+    dtype = log_emissions.dtype
+    A = jnp.exp(log_transition)
+    shift = _row_max(log_emissions)  # (N, T, 1)
+    b = jnp.swapaxes(jnp.exp(log_emissions - shift), 0, 1)  # (T, N, K)
+    steps = jnp.arange(t, dtype=jnp.asarray(lengths).dtype)
+    valid = steps[:, None] < jnp.asarray(lengths)[None, :]  # (T, N)
+    first = jnp.exp(log_initial)[None, :] * b[0]
+    c0 = jnp.sum(first, axis=-1, keepdims=True)
+    alpha0 = first / c0
+
+    def forward(alpha, inputs):
+        bt, ok = inputs
+        new = (alpha @ A) * bt
+        c = jnp.sum(new, axis=-1, keepdims=True)
+        alpha = jnp.where(ok[:, None], new / c, alpha)
+        return alpha, (alpha, jnp.where(ok[:, None], c, 1.0))
+
+    _, (alphas, cs) = jax.lax.scan(forward, alpha0, (b[1:], valid[1:]), unroll=_UNROLL)
+    cs = jnp.concatenate([c0[None], cs])[..., 0]  # (T, N)
+    log_z = jnp.sum(_safe_log(cs) + jnp.where(valid, jnp.swapaxes(shift[..., 0], 0, 1), 0.0), 0)
+    smallest = jnp.min(cs, axis=0)
+    if not smooth:
+        return log_z, None, None, smallest
+    # Backward, with the marginals and the transition counts formed on the way:
+    # q(z_t) = alpha_t beta_t / (alpha_t . beta_t), and xi_t(i, j) = alpha_t(i) A_ij
+    # b_{t+1}(j) beta_{t+1}(j) / norm_t with norm_t = (alpha_t . beta_t) d_t its total.
+    alphas = jnp.concatenate([alpha0[None], alphas])  # (T, N, K)
+    uniform = jnp.full((n, k), 1.0 / k, dtype)
+    last = jnp.where(valid[-1][:, None], alphas[-1], 0.0)
+
+    def backward(carry, inputs):
+        beta, counts = carry
+        bt, ok, alpha, here = inputs  # b_{t+1}, t+1 < L, alpha_t, t < L
+        v = bt * beta
+        new = v @ A.T
+        d = jnp.sum(new, axis=-1, keepdims=True)
+        beta = jnp.where(ok[:, None], new / d, uniform)
+        overlap = jnp.sum(alpha * beta, axis=-1, keepdims=True)
+        weight = jnp.where(ok[:, None], 1.0 / (overlap * d), 0.0)
+        counts = counts + (alpha * weight)[:, :, None] * v[:, None, :]
+        marginal = jnp.where(here[:, None], alpha * beta / overlap, 0.0)
+        return (beta, counts), (marginal, jnp.where(ok, d[:, 0], 1.0))
+
+    zeros = jnp.zeros((n, k, k), dtype)
+    (_, counts), (marginals, ds) = jax.lax.scan(
+        backward,
+        (uniform, zeros),
+        (b[1:], valid[1:], alphas[:-1], valid[:-1]),
+        reverse=True,
+        unroll=_UNROLL,
+    )
+    smallest = jnp.minimum(smallest, jnp.min(ds, axis=0, initial=jnp.inf))
+    marginals = jnp.concatenate([marginals, last[None]])  # (T, N, K)
+    counts = A[None] * counts
+    return log_z, jnp.swapaxes(marginals, 0, 1), counts, smallest
+
+
+def _fallback_needed(smallest: Array, log_z: Array) -> Array:
+    """A normaliser of the scaled recursion below the square root of the smallest normal
+    number (a frame that the predicted states explain e^-44 (float32) or e^-354 (float64)
+    worse than the best state does) could lose accuracy to subnormal products."""
+    threshold = jnp.sqrt(jnp.finfo(smallest.dtype).tiny)
+    return jnp.any(~(smallest > threshold)) | jnp.any(~jnp.isfinite(log_z))
+
+
+def forward_backward_batch(
+    log_initial: Array, log_transition: Array, log_emissions: Array, lengths: Array
+) -> ChainMarginals:
+    r"""``forward_backward`` of a batch of sequences (``log_emissions`` ``(N, T, K)``,
+    ``lengths`` ``(N,)``), by the scaled probability-space recursion (Rabiner's scaling:
+    one product, one sum and one division per step, about 2.5x faster on CPU than the
+    log-space messages), unless one of its normalisers gets so small that subnormal
+    numbers could cost accuracy (a frame that the predicted states explain far worse than
+    the best state, next to a near-zero transition): then the whole batch is computed by
+    the log-space ``forward_backward``. The two agree to rounding where both apply."""
+
+    def fast(args):
+        log_z, marginals, counts, smallest = _scaled_batch(*args, smooth=True)
+        return ChainMarginals(log_z, marginals, counts), smallest
+
+    def robust(args):
+        # lax.map, not vmap: with a vmapped fallback beside it, XLA compiled the fast path
+        # 40% slower (22.7 vs 16.3 ms on 100 x 1000 frames, K = 8).
+        one = lambda en: forward_backward(args[0], args[1], en[0], en[1])
+        return jax.lax.map(one, (args[2], args[3]))
+
+    args = (log_initial, log_transition, log_emissions, lengths)
+    out, smallest = fast(args)
+    return jax.lax.cond(_fallback_needed(smallest, out.log_normalizer), robust, lambda _: out, args)
+
+
+def log_normalizer_batch(
+    log_initial: Array, log_transition: Array, log_emissions: Array, lengths: Array
+) -> Array:
+    r"""``log_normalizer`` of a batch of sequences by the scaled forward recursion, with the
+    log-space one as the fallback (see ``forward_backward_batch``), ``(N,)``."""
+
+    def fast(args):
+        log_z, _, _, smallest = _scaled_batch(*args, smooth=False)
+        return log_z, smallest
+
+    def robust(args):
+        one = lambda en: log_normalizer(args[0], args[1], en[0], en[1])
+        return jax.lax.map(one, (args[2], args[3]))
+
+    args = (log_initial, log_transition, log_emissions, lengths)
+    log_z, smallest = fast(args)
+    return jax.lax.cond(_fallback_needed(smallest, log_z), robust, lambda _: log_z, args)
