@@ -205,9 +205,15 @@ def _zero_padding(valid: Array, x: Array) -> Array:
 
 # --------------------------------------------------------------------------- sequential
 def _sequential_filter(params: LGSSMParams, y: Array, length, keep: bool):
-    """Forward scan; ``keep``: also return the filtered moments (else only the log-likelihood)."""
+    """Forward scan; ``keep``: also return the filtered moments and the one-step predictions
+    ``E[z_{t+1} | y_{0:t}]``, ``Cov[z_{t+1} | y_{0:t}]`` (else only the log-likelihood).
+
+    Lean on purpose (it is the inner loop of every LGSSM fit): the update is
+    $P - K(HP)$, symmetrised, rather than the Joseph form, and the predictions are kept
+    for the smoother instead of being recomputed there."""
     valid = _valid(y, length)
     observed = _observed(y, valid)
+    f, q = params.transition_matrix, params.transition_covariance
     mean0 = params.initial_mean
     cov0 = _sym(params.initial_covariance)
     zero = jnp.zeros((), mean0.dtype)
@@ -216,34 +222,53 @@ def _sequential_filter(params: LGSSMParams, y: Array, length, keep: bool):
         pred_mean, pred_cov, total = carry
         y_t, obs_t, valid_t = inputs
         h_t, r_t, y_t = _masked(params, y_t, obs_t)
-        mean, cov, log_lik, _, _ = _update(pred_mean, pred_cov, h_t, r_t, y_t, jnp.sum(obs_t))
-        next_mean, next_cov = _predict(params, mean, cov)
+        hp = h_t @ pred_cov
+        chol_s = _cholesky(_sym(hp @ h_t.T + r_t))
+        gain = cho_solve((chol_s, True), hp).T  # P H^T S^{-1}
+        residual = y_t - h_t @ pred_mean
+        mean = pred_mean + gain @ residual
+        cov = _sym(pred_cov - gain @ hp)
+        whitened = solve_triangular(chol_s, residual, lower=True)
+        log_lik = -0.5 * (
+            jnp.sum(obs_t).astype(mean.dtype) * _LOG_2PI
+            + jnp.sum(whitened**2)
+            + 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_s)))
+        )
+        next_mean = f @ mean
+        next_cov = _sym(f @ cov @ f.T + q)
         # Padding leaves the carry as it was.
         next_mean = jnp.where(valid_t, next_mean, pred_mean)
         next_cov = jnp.where(valid_t, next_cov, pred_cov)
         total = total + jnp.where(valid_t, log_lik, zero)
-        out = (mean, cov) if keep else None
+        out = (mean, cov, next_mean, next_cov) if keep else None
         return (next_mean, next_cov, total), out
 
     (_, _, total), out = jax.lax.scan(step, (mean0, cov0, zero), (y, observed, valid))
     if not keep:
         return total, None, None, valid
-    means, covs = out
-    return total, _zero_padding(valid, means), _zero_padding(valid, covs), valid
+    means, covs, pred_means, pred_covs = out
+    filtered = (_zero_padding(valid, means), _zero_padding(valid, covs))
+    return total, filtered, (pred_means, pred_covs), valid
 
 
-def _sequential_smoother(params: LGSSMParams, means: Array, covs: Array, valid: Array):
-    """Rauch–Tung–Striebel backward scan over the filtered moments (0 at padding)."""
+def _sequential_smoother(params: LGSSMParams, filtered, predicted, valid: Array):
+    r"""Rauch–Tung–Striebel backward scan over the filtered moments (0 at padding) and the
+    filter's one-step predictions: $G_t = P_{t|t}F^\top P_{t+1|t}^{-1}$,
+    $m_{t|L} = m_{t|t} + G_t(m_{t+1|L} - m_{t+1|t})$,
+    $P_{t|L} = P_{t|t} + G_t(P_{t+1|L} - P_{t+1|t})G_t^\top$, and
+    $\mathrm{Cov}[z_{t+1}, z_t] = P_{t+1|L}G_t^\top$."""
+    means, covs = filtered
+    pred_means, pred_covs = predicted
     steps = jnp.arange(means.shape[0])
     last = jnp.sum(valid.astype(steps.dtype)) - 1  # L - 1
+    f = params.transition_matrix
 
     def step(carry, inputs):
         next_mean, next_cov = carry  # E[z_{t+1} | y], Cov[z_{t+1} | y]
-        mean, cov, t = inputs
-        gain = _smoothing_gain(params, cov)
-        f = params.transition_matrix
-        sm_mean = mean + gain @ (next_mean - f @ mean)
-        sm_cov = _sym(_backward_covariance(params, cov, gain) + gain @ next_cov @ gain.T)
+        mean, cov, pred_mean, pred_cov, t = inputs  # pred_*: of z_{t+1} given y_{0:t}
+        gain = cho_solve((_chol(pred_cov), True), f @ cov).T
+        sm_mean = mean + gain @ (next_mean - pred_mean)
+        sm_cov = _sym(cov + gain @ (next_cov - pred_cov) @ gain.T)
         cross = next_cov @ gain.T
         inner = t < last
         sm_mean = jnp.where(inner, sm_mean, mean)  # t = L-1: filtered; t >= L: 0
@@ -252,7 +277,8 @@ def _sequential_smoother(params: LGSSMParams, means: Array, covs: Array, valid: 
         return (sm_mean, sm_cov), (sm_mean, sm_cov, cross)
 
     init = (jnp.zeros_like(means[0]), jnp.zeros_like(covs[0]))
-    _, (sm_means, sm_covs, crosses) = jax.lax.scan(step, init, (means, covs, steps), reverse=True)
+    inputs = (means, covs, pred_means, pred_covs, steps)
+    _, (sm_means, sm_covs, crosses) = jax.lax.scan(step, init, inputs, reverse=True)
     return sm_means, sm_covs, crosses
 
 
@@ -385,7 +411,7 @@ def kalman_filter(params: LGSSMParams, y: Array, length=None) -> FilterResult:
     ``y``: ``(T, O)``, NaN entries missing; ``length``: $L$ (``None``: $T$), frames $t \ge L$
     ignored and their outputs 0.
     """
-    total, means, covs, _ = _sequential_filter(params, y, length, keep=True)
+    total, (means, covs), _, _ = _sequential_filter(params, y, length, keep=True)
     return FilterResult(total, means, covs)
 
 
@@ -403,8 +429,8 @@ def kalman_smoother(
         total, means, covs, valid = _parallel_filter(params, y, length)
         sm = _parallel_smoother(params, means, covs, valid)
     else:
-        total, means, covs, valid = _sequential_filter(params, y, length, keep=True)
-        sm = _sequential_smoother(params, means, covs, valid)
+        total, filtered, predicted, valid = _sequential_filter(params, y, length, keep=True)
+        sm = _sequential_smoother(params, filtered, predicted, valid)
     return SmootherResult(total, *sm)
 
 
