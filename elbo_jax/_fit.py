@@ -204,16 +204,21 @@ def _pad_q(q: AbstractQ, rows: int) -> AbstractQ:
 
 
 def _trim_rows(tree: Any, n: int, mesh: Any = None) -> Any:
-    """The first ``n`` rows of every per-datum array (gathered from the mesh first)."""
+    """The first ``n`` rows of every per-datum array (gathered from the mesh first), by one
+    compiled call (slicing leaf by leaf compiled a program per leaf: ~0.2 s for an HMM's q)."""
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        tree = jax.tree_util.tree_map(
+            lambda a: jax.device_put(a, replicated) if eqx.is_array(a) and a.ndim else a, tree
+        )
+    if all(a.shape[0] == n for a in jax.tree_util.tree_leaves(tree) if eqx.is_array(a) and a.ndim):
+        return tree
+    return _first_rows(tree, n)
 
-    def trim(a):
-        if not (eqx.is_array(a) and a.ndim):
-            return a
-        if mesh is not None:
-            a = jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        return a[:n]
 
-    return jax.tree_util.tree_map(trim, tree)
+@eqx.filter_jit
+def _first_rows(tree: Any, n: int) -> Any:
+    return jax.tree_util.tree_map(lambda a: a[:n] if eqx.is_array(a) and a.ndim else a, tree)
 
 
 # ------------------------------------------------------------------ compiled entry points
