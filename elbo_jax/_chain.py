@@ -2,7 +2,7 @@ r"""Exact inference for ``Chain`` latents, and the chain posterior as a recognit
 
 A model with ``latent = ej.Chain(K)`` gives its factors (``initial_log_probs``,
 ``transition_log_probs``, ``emission_log_table``); here they meet the pure forward–backward
-and Viterbi of ``_inference.hmm``, vmapped over the sequences of a batch. The posterior of
+and Viterbi of ``_inference.hmm``, over the sequences of a batch. The posterior of
 sequence $n$ is kept as what the M-step and F need, $O(TK)$ per sequence: the marginals
 $q(z_t{=}k)$, the expected transition counts $\sum_t q(z_t{=}i, z_{t+1}{=}j)$ and its
 entropy — never the $(T, K, K)$ pairwise marginals.
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from ._custom_types import Array, PerDatum
 from ._inference import hmm
 from ._latent import AbstractLatent, Chain
-from ._q import AbstractQ, PointMass, num_data
+from ._q import AbstractQ, PointMass, _weighted_table_sum, num_data
 from ._sequences import Sequences
 
 # On an accelerator, sequences of at least this many frames use the parallel (associative
@@ -45,10 +45,9 @@ def chain_factors(model: Any, x: Sequences) -> tuple[Array, Array, Array]:
 
 
 def _weighted(probs: Array, logs: Array) -> Array:
-    # sum of p * log p over the trailing axes, with 0 * (-inf) := 0.
-    nonzero = probs != 0
-    terms = jnp.where(nonzero, probs * jnp.where(nonzero, logs, 0.0), 0.0)
-    return jnp.sum(terms.reshape(terms.shape[0], -1), axis=-1)
+    """``sum p * logs`` over every axis but the first (0 * (-inf) := 0)."""
+    n = probs.shape[0]
+    return _weighted_table_sum(probs.reshape(n, -1), logs.reshape(n, -1))
 
 
 def expected_log_joint(
@@ -57,10 +56,9 @@ def expected_log_joint(
     r"""$E_q[\log p(x_n, z)] = \sum_k q(z_0{=}k)\log\pi_k + \sum_{ij} \bar\xi_{ij}\log A_{ij}
     + \sum_{t,k} q(z_t{=}k)\log p(x_t\mid k)$ per sequence (padding frames have
     $q = 0$)."""
-    n = marginals.shape[0]
     initial = _weighted(marginals[:, 0], jnp.broadcast_to(log_initial[None], marginals[:, 0].shape))
     transitions = _weighted(counts, jnp.broadcast_to(log_transition[None], counts.shape))
-    return initial + transitions + _weighted(marginals.reshape(n, -1), emissions.reshape(n, -1))
+    return initial + transitions + _weighted(marginals, emissions)
 
 
 class ChainPosterior(AbstractQ):
@@ -165,9 +163,3 @@ def chain_moments(q: AbstractQ, x: Sequences, num_states: int, dtype: Any) -> tu
         counts = jnp.einsum("nti,ntj->nij", states[:, :-1], states[:, 1:])
         return states, counts
     raise TypeError(f"a Chain latent needs q=ChainPosterior or PointMass, got {type(q).__name__}")
-
-
-def is_chain_q(q: Any) -> bool:
-    return isinstance(q, ChainPosterior) or (
-        isinstance(q, PointMass) and q.value is not None and q.value.ndim == 2
-    )
