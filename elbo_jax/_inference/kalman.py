@@ -38,6 +38,8 @@ from jax.scipy.linalg import solve_triangular as _lapack_solve_triangular
 Array = jax.Array
 
 _LOG_2PI = math.log(2.0 * math.pi)
+# Time steps per trip of the sequential scans' loops.
+_UNROLL = 2
 
 
 class LGSSMParams(NamedTuple):
@@ -131,6 +133,21 @@ def _chol(a: Array) -> Array:
     return _cholesky(_sym(a))
 
 
+def mm(a: Array, b: Array) -> Array:
+    """``a @ b`` for small matrices as a broadcast product and sum, which XLA fuses: on CPU
+    a batched ``dot`` of 4 x 4 matrices runs about 10x slower (a GEMM call per matrix)."""
+    if max(a.shape[-2:] + b.shape[-1:]) > _SMALL:
+        return a @ b
+    return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
+
+
+def mv(a: Array, v: Array) -> Array:
+    """``a @ v`` for a small matrix and a vector (see ``mm``)."""
+    if max(a.shape[-2:]) > _SMALL:
+        return a @ v
+    return jnp.sum(a * v[..., None, :], axis=-1)
+
+
 def _valid(y: Array, length) -> Array:
     """``(T,)``: whether frame t is data ($t < L$)."""
     steps = jnp.arange(y.shape[0])
@@ -222,20 +239,20 @@ def _sequential_filter(params: LGSSMParams, y: Array, length, keep: bool):
         pred_mean, pred_cov, total = carry
         y_t, obs_t, valid_t = inputs
         h_t, r_t, y_t = _masked(params, y_t, obs_t)
-        hp = h_t @ pred_cov
-        chol_s = _cholesky(_sym(hp @ h_t.T + r_t))
+        hp = mm(h_t, pred_cov)
+        chol_s = _cholesky(_sym(mm(hp, h_t.T) + r_t))
         gain = cho_solve((chol_s, True), hp).T  # P H^T S^{-1}
-        residual = y_t - h_t @ pred_mean
-        mean = pred_mean + gain @ residual
-        cov = _sym(pred_cov - gain @ hp)
+        residual = y_t - mv(h_t, pred_mean)
+        mean = pred_mean + mv(gain, residual)
+        cov = _sym(pred_cov - mm(gain, hp))
         whitened = solve_triangular(chol_s, residual, lower=True)
         log_lik = -0.5 * (
             jnp.sum(obs_t).astype(mean.dtype) * _LOG_2PI
             + jnp.sum(whitened**2)
             + 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_s)))
         )
-        next_mean = f @ mean
-        next_cov = _sym(f @ cov @ f.T + q)
+        next_mean = mv(f, mean)
+        next_cov = _sym(mm(mm(f, cov), f.T) + q)
         # Padding leaves the carry as it was.
         next_mean = jnp.where(valid_t, next_mean, pred_mean)
         next_cov = jnp.where(valid_t, next_cov, pred_cov)
@@ -243,7 +260,9 @@ def _sequential_filter(params: LGSSMParams, y: Array, length, keep: bool):
         out = (mean, cov, next_mean, next_cov) if keep else None
         return (next_mean, next_cov, total), out
 
-    (_, _, total), out = jax.lax.scan(step, (mean0, cov0, zero), (y, observed, valid))
+    (_, _, total), out = jax.lax.scan(
+        step, (mean0, cov0, zero), (y, observed, valid), unroll=_UNROLL
+    )
     if not keep:
         return total, None, None, valid
     means, covs, pred_means, pred_covs = out
@@ -262,23 +281,28 @@ def _sequential_smoother(params: LGSSMParams, filtered, predicted, valid: Array)
     steps = jnp.arange(means.shape[0])
     last = jnp.sum(valid.astype(steps.dtype)) - 1  # L - 1
     f = params.transition_matrix
+    # Every gain depends on the filter's moments only: all of them at once, outside the
+    # loop (the loop's per-step cost on CPU is mostly per operation, not per flop).
+    f_cov = mm(jnp.broadcast_to(f, covs.shape), covs)
+    gains = jnp.swapaxes(cho_solve((_chol(pred_covs), True), f_cov), -1, -2)
 
     def step(carry, inputs):
         next_mean, next_cov = carry  # E[z_{t+1} | y], Cov[z_{t+1} | y]
-        mean, cov, pred_mean, pred_cov, t = inputs  # pred_*: of z_{t+1} given y_{0:t}
-        gain = cho_solve((_chol(pred_cov), True), f @ cov).T
-        sm_mean = mean + gain @ (next_mean - pred_mean)
-        sm_cov = _sym(cov + gain @ (next_cov - pred_cov) @ gain.T)
-        cross = next_cov @ gain.T
-        inner = t < last
+        mean, cov, pred_mean, pred_cov, gain, inner = inputs  # pred_*: of z_{t+1} | y_{0:t}
+        sm_mean = mean + mv(gain, next_mean - pred_mean)
+        sm_cov = _sym(cov + mm(mm(gain, next_cov - pred_cov), gain.T))
         sm_mean = jnp.where(inner, sm_mean, mean)  # t = L-1: filtered; t >= L: 0
         sm_cov = jnp.where(inner, sm_cov, cov)
-        cross = jnp.where(inner, cross, jnp.zeros_like(cross))
-        return (sm_mean, sm_cov), (sm_mean, sm_cov, cross)
+        return (sm_mean, sm_cov), (sm_mean, sm_cov)
 
     init = (jnp.zeros_like(means[0]), jnp.zeros_like(covs[0]))
-    inputs = (means, covs, pred_means, pred_covs, steps)
-    _, (sm_means, sm_covs, crosses) = jax.lax.scan(step, init, inputs, reverse=True)
+    inner = steps < last
+    inputs = (means, covs, pred_means, pred_covs, gains, inner)
+    _, (sm_means, sm_covs) = jax.lax.scan(step, init, inputs, reverse=True, unroll=_UNROLL)
+    # Cov[z_{t+1}, z_t | y] = P_{t+1|L} G_t^T, for t < L - 1.
+    following = jnp.concatenate([sm_covs[1:], jnp.zeros_like(sm_covs[:1])])
+    crosses = mm(following, jnp.swapaxes(gains, -1, -2))
+    crosses = jnp.where(inner[:, None, None], crosses, 0.0)
     return sm_means, sm_covs, crosses
 
 

@@ -114,9 +114,10 @@ class LGSSMPosterior(AbstractQ):
 def _frame_moments(
     params: kalman.LGSSMParams, y: Array, observed: Array, mean: Array, second: Array
 ) -> tuple[Array, Array, Array]:
-    r"""$E[y_t]$-free sums for one frame: ``(E[y y^T], E[y z^T], any observed)``, with the
-    missing entries of a partly observed frame imputed from $p(y_{mis} \mid z_t, y_{obs})$
-    (Shumway & Stoffer): $y = a + Bz + e$, $e \sim \mathcal N(0, V)$ given $z$."""
+    r"""For one frame: ``(E[y y^T], E[y z^T], any entry observed)``, with the missing entries
+    of a partly observed frame imputed from $p(y_{mis} \mid z_t, y_{obs})$ (Shumway &
+    Stoffer): $y = a + Bz + e$, $e \sim \mathcal N(0, V)$ given $z$. Small-matrix products
+    and factorisations as ``kalman``'s fused ones (this runs once per frame)."""
     h, r = params.observation_matrix, params.observation_covariance
     m = observed.astype(y.dtype)
     y0 = jnp.where(observed, y, 0.0)
@@ -125,17 +126,17 @@ def _frame_moments(
     r_obs = r * m[:, None] * m[None, :] + jnp.diag(1 - m)
     missing = 1 - m
     # G = R_mo R_oo^{-1} as an (O, O) matrix (rows: missing entries, columns: observed).
-    gain = jsl.cho_solve(
-        (jnp.linalg.cholesky(r_obs), True), (r * missing[:, None] * m[None, :]).T
-    ).T
+    chol = kalman._cholesky(r_obs)
+    gain = kalman.cho_solve((chol, True), (r * missing[:, None] * m[None, :]).T).T
     gain = gain * missing[:, None] * m[None, :]
-    a = y0 + gain @ y0
-    b = h * missing[:, None] - gain @ (h * m[:, None])
-    v = (r - gain @ (r * m[:, None])) * missing[:, None] * missing[None, :]
+    a = y0 + kalman.mv(gain, y0)
+    b = h * missing[:, None] - kalman.mm(gain, h * m[:, None])
+    v = (r - kalman.mm(gain, r * m[:, None])) * missing[:, None] * missing[None, :]
     outer_a = a[:, None] * a[None, :]
-    cross = a[:, None] * mean[None, :] + b @ second  # E[y z^T]
-    mean_term = (b @ mean)[:, None] * a[None, :]
-    yy = outer_a + mean_term + mean_term.T + b @ second @ b.T + v
+    b_second = kalman.mm(b, second)
+    cross = a[:, None] * mean[None, :] + b_second  # E[y z^T]
+    mean_term = kalman.mv(b, mean)[:, None] * a[None, :]
+    yy = outer_a + mean_term + mean_term.T + kalman.mm(b_second, b.T) + v
     return yy, cross, jnp.any(observed)
 
 
@@ -436,7 +437,7 @@ class LinearGaussianSSM(Model):
             ).T
             gain = gain * miss[:, None] * m[None, :]
             v = (r - gain @ (r * m[:, None])) * miss[:, None] * miss[None, :] + jnp.diag(m)
-            log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(v))))
+            log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(kalman._cholesky(v))))
             entropy = 0.5 * (log_det + jnp.sum(miss) * (1 + _LOG_2PI))
             return jnp.where(partly, entropy, 0.0)
 
