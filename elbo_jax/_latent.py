@@ -28,7 +28,26 @@ class AbstractLatent(eqx.Module):
     """The space a model's latent variable z lives in (for one datum)."""
 
 
-class Discrete(AbstractLatent):
+class _AbstractStates(AbstractLatent):
+    """A latent made of states in ``[0, num_states)``: one (``Discrete``) or a path (``Chain``)."""
+
+    num_states: eqx.AbstractVar[int]
+
+    @property
+    def dtype(self):
+        """The dtype of a state as elbo_jax enumerates and decodes them (``jnp.arange``'s and
+        ``jnp.argmax``'s: int32, or int64 with x64)."""
+        return jax.dtypes.canonicalize_dtype(np.int64)
+
+    def __check_init__(self):
+        name = type(self).__name__
+        if not _is_integer(self.num_states):
+            raise TypeError(f"{name}(num_states) needs an int, got {self.num_states!r}")
+        if self.num_states < 1:
+            raise ValueError(f"{name}(num_states) needs num_states >= 1, got {self.num_states}")
+
+
+class Discrete(_AbstractStates):
     """z is an integer in ``[0, num_states)``.
 
     Expectations over z are exact sums over the ``num_states`` values, so every
@@ -43,17 +62,6 @@ class Discrete(AbstractLatent):
     """
 
     num_states: int = eqx.field(static=True, converter=_to_int)
-
-    @property
-    def dtype(self):
-        """The dtype of z as elbo_jax enumerates it (``jnp.arange``'s: int32, or int64 with x64)."""
-        return jax.dtypes.canonicalize_dtype(np.int64)
-
-    def __check_init__(self):
-        if not _is_integer(self.num_states):
-            raise TypeError(f"Discrete(num_states) needs an int, got {self.num_states!r}")
-        if self.num_states < 1:
-            raise ValueError(f"Discrete(num_states) needs num_states >= 1, got {self.num_states}")
 
 
 class Real(AbstractLatent):
@@ -75,7 +83,7 @@ class Real(AbstractLatent):
         return math.prod(self.shape)
 
 
-class Chain(AbstractLatent):
+class Chain(_AbstractStates):
     r"""z is a path $z_{0:T-1}$ of a Markov chain over ``num_states`` states, one state per
     frame of a sequence (one datum is one sequence: ``ej.Sequences``).
 
@@ -91,17 +99,6 @@ class Chain(AbstractLatent):
     """
 
     num_states: int = eqx.field(static=True, converter=_to_int)
-
-    @property
-    def dtype(self):
-        """The dtype of the states in a path (``jnp.argmax``'s: int32, or int64 with x64)."""
-        return jax.dtypes.canonicalize_dtype(np.int64)
-
-    def __check_init__(self):
-        if not _is_integer(self.num_states):
-            raise TypeError(f"Chain(num_states) needs an int, got {self.num_states!r}")
-        if self.num_states < 1:
-            raise ValueError(f"Chain(num_states) needs num_states >= 1, got {self.num_states}")
 
 
 class GaussianChain(AbstractLatent):

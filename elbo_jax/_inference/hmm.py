@@ -8,7 +8,10 @@ and are ignored. Arguments, all in log space (``-inf`` marks a zero probability)
 * ``log_transition`` ``(K, K)``: ``[i, j]`` $= \log p(z_{t+1} = j \mid z_t = i)$;
 * ``log_emissions`` ``(T, K)``: ``[t, k]`` $= \log p(x_t \mid z_t = k)$.
 
-Every function acts on one sequence; ``jax.vmap`` over sequences (lengths may differ).
+Every function acts on one sequence; ``jax.vmap`` over sequences (lengths may differ),
+except ``forward_backward_batch`` and ``log_normalizer_batch``, which take a batch: the
+scaled (probability-space) recursion that fits use, with these log-space functions as
+their fallback.
 
 Numerics. Messages are kept normalised: the forward message $a_t = \log p(z_t, x_{0:t}) - c_t$
 with $\max_k a_t(k) = 0$ and the scales $c_t$ summed once at the end, and emissions are
