@@ -367,7 +367,19 @@ class LinearGaussianSSM(Model):
         frame = jax.vmap(
             jax.vmap(_frame_moments, in_axes=(None, 0, 0, 0, 0)), in_axes=(None, 0, 0, 0, 0)
         )
-        yy, yz, any_obs = frame(p, x.frames, observed, mu, second)
+
+        def imputed(_):
+            return frame(p, x.frames, observed, mu, second)[:2]
+
+        def complete(_):  # no partly observed frame: E[y y^T] = y y^T, E[y z^T] = y E[z]^T
+            y = jnp.where(observed, x.frames, 0.0)
+            return y[..., :, None] * y[..., None, :], y[..., :, None] * mu[..., None, :]
+
+        # The imputation costs most of the pass's statistics; data with whole frames (or
+        # nothing) missing skip it (one branch runs).
+        any_obs = jnp.any(observed, axis=-1)
+        partly = jnp.any(any_obs & ~jnp.all(observed | ~mask[..., None], axis=-1))
+        yy, yz = jax.lax.cond(partly, imputed, complete, None)
         w = any_obs.astype(dtype)[..., None, None]
         return {
             "initial_first": mu[:, 0],
