@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from . import _peers
+from ._score import LGSSM_KEYS
 
 GRADIENT_METHODS = {  # name -> (optimizer factory, num_steps); built lazily (no optax at import)
     "adam(1e-2) x1": ("adam", 1e-2, 1),
@@ -198,14 +199,6 @@ def run_gradients(task: dict, x: np.ndarray, init: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- sequences
-LGSSM_KEYS = (
-    "initial_mean",
-    "initial_covariance",
-    "transition_matrix",
-    "transition_covariance",
-    "observation_matrix",
-    "observation_covariance",
-)
 
 
 @contextlib.contextmanager

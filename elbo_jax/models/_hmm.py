@@ -211,11 +211,6 @@ class HMM(Model):
             + jnp.sum(jnp.where(mask, emissions, 0.0))
         )
 
-    def check_data(self, x: Any) -> None:
-        """``x`` must be ``ej.Sequences`` (or an array ``(N, T, ...)``); a model with a frame
-        shape checks it in its override."""
-        del x
-
     # ------------------------------------------------------------- evaluation
     # Each compiles once per model structure and data shape (op by op, every first call of
     # a new shape would compile each operation on its own: seconds).

@@ -111,6 +111,22 @@ class LGSSMPosterior(AbstractQ):
             raise TypeError(f"q=LGSSMPosterior is for GaussianChain latents, got {latent!r}")
 
 
+def _missing_given_observed(r: Array, observed: Array) -> tuple[Array, Array]:
+    r"""For one frame's observed entries: $G = R_{mo}R_{oo}^{-1}$ and
+    $V = R_{mm} - G R_{om}$ as ``(O, O)`` matrices (zero outside their blocks), so that
+    $y_{mis} \mid z, y_{obs} \sim \mathcal N(H_m z + G(y_o - H_o z), V)$."""
+    m = observed.astype(r.dtype)
+    missing = 1 - m
+    # R restricted to the observed entries, identity on the missing ones: its inverse holds
+    # R_oo^{-1} in the observed block.
+    r_obs = r * m[:, None] * m[None, :] + jnp.diag(missing)
+    chol = kalman._cholesky(r_obs)
+    gain = kalman.cho_solve((chol, True), (r * missing[:, None] * m[None, :]).T).T
+    gain = gain * missing[:, None] * m[None, :]
+    v = (r - kalman.mm(gain, r * m[:, None])) * missing[:, None] * missing[None, :]
+    return gain, v
+
+
 def _frame_moments(
     params: kalman.LGSSMParams, y: Array, observed: Array, mean: Array, second: Array
 ) -> tuple[Array, Array, Array]:
@@ -121,17 +137,9 @@ def _frame_moments(
     h, r = params.observation_matrix, params.observation_covariance
     m = observed.astype(y.dtype)
     y0 = jnp.where(observed, y, 0.0)
-    # R restricted to the observed entries, identity on the missing ones: its inverse holds
-    # R_oo^{-1} in the observed block.
-    r_obs = r * m[:, None] * m[None, :] + jnp.diag(1 - m)
-    missing = 1 - m
-    # G = R_mo R_oo^{-1} as an (O, O) matrix (rows: missing entries, columns: observed).
-    chol = kalman._cholesky(r_obs)
-    gain = kalman.cho_solve((chol, True), (r * missing[:, None] * m[None, :]).T).T
-    gain = gain * missing[:, None] * m[None, :]
+    gain, v = _missing_given_observed(r, observed)
     a = y0 + kalman.mv(gain, y0)
-    b = h * missing[:, None] - kalman.mm(gain, h * m[:, None])
-    v = (r - kalman.mm(gain, r * m[:, None])) * missing[:, None] * missing[None, :]
+    b = h * (1 - m)[:, None] - kalman.mm(gain, h * m[:, None])
     outer_a = a[:, None] * a[None, :]
     b_second = kalman.mm(b, second)
     cross = a[:, None] * mean[None, :] + b_second  # E[y z^T]
@@ -441,16 +449,12 @@ class LinearGaussianSSM(Model):
 
         def frame(obs):
             m = obs.astype(r.dtype)
-            miss = 1 - m
             partly = jnp.any(obs) & ~jnp.all(obs)
-            r_obs = r * m[:, None] * m[None, :] + jnp.diag(miss)
-            gain = jsl.cho_solve(
-                (jnp.linalg.cholesky(r_obs), True), (r * miss[:, None] * m[None, :]).T
-            ).T
-            gain = gain * miss[:, None] * m[None, :]
-            v = (r - gain @ (r * m[:, None])) * miss[:, None] * miss[None, :] + jnp.diag(m)
-            log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(kalman._cholesky(v))))
-            entropy = 0.5 * (log_det + jnp.sum(miss) * (1 + _LOG_2PI))
+            _, v = _missing_given_observed(r, obs)
+            # V on the missing block, the identity on the observed one: its log-determinant
+            # is V_mm's.
+            log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(kalman._cholesky(v + jnp.diag(m)))))
+            entropy = 0.5 * (log_det + jnp.sum(1 - m) * (1 + _LOG_2PI))
             return jnp.where(partly, entropy, 0.0)
 
         return jnp.sum(jax.vmap(jax.vmap(frame))(observed), axis=1)
