@@ -659,16 +659,21 @@ class GaussianMixture(AbstractMixture):
 
     def complete_data_statistics(self, num_data: Any) -> GaussianMixtureStatistics:
         r"""The statistics that $m$ = ``num_data`` data drawn from the model itself have in
-        expectation: about the shift $\mu_k$, $n_k = m w_k$, $s_k = 0$, $S_k = m w_k\Sigma_k$
-        (diag: the variances). ``maximize`` of them gives the model back, up to rounding,
-        when ``reg_covar`` is 0; otherwise every covariance gains ``reg_covar`` on its
-        diagonal (the M-step adds it to whatever the statistics say)."""
+        expectation, less the floor: about the shift $\mu_k$, $n_k = m w_k$, $s_k = 0$,
+        $S_k = m w_k(\Sigma_k - r I)$ (diag: the variances less $r$), $r$ = ``reg_covar``.
+        The M-step adds $r$ back, so ``maximize`` of them gives this model back (up to
+        rounding), and merged with other statistics the floor is added once, not once per
+        part (online EM's inertia, ``ej.combine``)."""
         dtype = self.loc.dtype
         counts = jnp.asarray(num_data, dtype) * self.weights
         expand = (slice(None),) + (None,) * (self.raw_precision_factor.ndim - 1)
-        return GaussianMixtureStatistics(
-            counts, self.loc, jnp.zeros_like(self.loc), counts[expand] * self.covariances
+        floor = self.reg_covar * (
+            jnp.ones((self.dim,), dtype)
+            if self.covariance_type == "diag"
+            else _eye(self.dim, dtype)
         )
+        scatter = counts[expand] * (self.covariances - floor[None])
+        return GaussianMixtureStatistics(counts, self.loc, jnp.zeros_like(self.loc), scatter)
 
     def honours_frozen(self, frozen: Any) -> bool:
         """Any whole field may be frozen (the weights, the means, the covariances): with the
