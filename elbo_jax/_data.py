@@ -221,6 +221,18 @@ def _pad_rows(x: PyTree, rows: int) -> PyTree:
     return jax.tree_util.tree_map(pad, x)
 
 
+def _auto_axes(leaf: Any) -> Any:
+    """``leaf`` on the same devices and layout (no copy), its mesh axes made ``Auto``: the
+    padding's slice and concatenation along a sharded axis are left to XLA, which an
+    ``Explicit`` axis (``jax.make_mesh``'s default) refuses at trace time."""
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not sharding.mesh.explicit_axes:
+        return leaf
+    mesh = sharding.mesh
+    auto = mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    return jax.device_put(leaf, jax.sharding.NamedSharding(auto, sharding.spec))
+
+
 def row_weights(n: int, rows: int, dtype: Any) -> np.ndarray:
     """1 for the ``n`` real rows, 0 for the padding."""
     w = np.zeros((rows,), dtype)
@@ -236,7 +248,7 @@ def make_dataset(
     n = jax.tree_util.tree_leaves(x)[0].shape[0]
     shards = 1 if mesh is None else mesh.shape[axis]
     rows, chunk = padded_size(n, chunk_size, shards)
-    padded = pad_rows(x, rows)
+    padded = pad_rows(jax.tree_util.tree_map(_auto_axes, x), rows)
     weights = row_weights(n, rows, dtype)
     if mesh is not None:
         place = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
