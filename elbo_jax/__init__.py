@@ -5,6 +5,7 @@ import importlib.metadata
 
 from . import models as models
 from ._chain import ChainPosterior as ChainPosterior
+from ._combine import combine as combine
 from ._fit import FitResult as FitResult
 from ._fit import Status as Status
 from ._fit import fit as fit
@@ -32,6 +33,8 @@ from ._q import (
     PointMass as PointMass,
 )
 from ._sequences import Sequences as Sequences
+from ._solvers._online import InertiaMStep as InertiaMStep
+from ._solvers._online import StepwiseMStep as StepwiseMStep
 from ._statistics import AbstractStatistics as AbstractStatistics
 from ._statistics import merge_statistics as merge_statistics
 from ._statistics import scale_statistics as scale_statistics
@@ -53,6 +56,7 @@ from ._steps import (
 from ._steps import (
     GradientMStep as GradientMStep,
 )
+from ._stream import Stream as Stream
 
 try:
     __version__ = importlib.metadata.version("elbo_jax")

@@ -5,7 +5,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import equinox as eqx
@@ -23,6 +23,7 @@ from ._objective import Prior
 from ._q import AbstractQ, ExactPosterior, num_data
 from ._solvers import HISTORY_SIZE, CoordinateDescent, LoopState, StatisticsEM, Status, run, solve
 from ._solvers._base import AbstractSolver
+from ._solvers._online import InertiaMStep, OnlineEM, StepwiseMStep
 from ._steps import (
     AbstractEStep,
     AbstractMStep,
@@ -33,6 +34,8 @@ from ._steps import (
     _split_params,
     uses_closed_form,
 )
+from ._stream import BatchReader, Stream
+from ._streamed import fit_stream
 from ._traced import Traced
 from ._validate import (
     check_has_parameters,
@@ -117,14 +120,17 @@ def _resolve_e_step(e_step: Any, q: AbstractQ) -> AbstractEStep:
     raise TypeError(f"e_step must be 'exact' or an ej.GradientEStep(...), got {e_step!r}")
 
 
-def _resolve_m_step(m_step: Any) -> AbstractMStep:
+_M_STEPS = "'exact', ej.GradientMStep(...), ej.StepwiseMStep(...) or ej.InertiaMStep(...)"
+
+
+def _resolve_m_step(m_step: Any) -> Any:
     if isinstance(m_step, str):
         if m_step != "exact":
-            raise ValueError(f"m_step must be 'exact' or an ej.GradientMStep(...), got {m_step!r}")
+            raise ValueError(f"m_step must be {_M_STEPS}, got {m_step!r}")
         return ExactMStep()
-    if isinstance(m_step, AbstractMStep):
+    if isinstance(m_step, (AbstractMStep, StepwiseMStep, InertiaMStep)):
         return m_step
-    raise TypeError(f"m_step must be 'exact' or an ej.GradientMStep(...), got {m_step!r}")
+    raise TypeError(f"m_step must be {_M_STEPS}, got {m_step!r}")
 
 
 def _check_initial(initial: float) -> None:
@@ -351,6 +357,7 @@ def fit(
     frozen: Callable[[Model], Any] | None = None,
     restarts: int | None = None,
     sharding: Any = None,
+    batch_size: int | None = None,
     progress: bool = False,
     throw: bool = False,
 ) -> FitResult:
@@ -429,13 +436,39 @@ def fit(
         raise TypeError(
             f"q must be an elbo_jax recognition family such as ej.ExactPosterior(), got {q!r}"
         )
-    mesh, axis = _mesh_of(x, sharding)
-    x = prepare_data(first, x)
+    stream = _as_stream(x)
+    reader = None
+    if stream is not None:
+        if restarts is not None or sharding is not None or batch_size is not None:
+            raise ValueError(
+                "a stream is fitted as one fit on one device, in the stream's own batches: "
+                "no restarts=, sharding= or batch_size= (set Stream(batch_size=...))"
+            )
+        if stream.shuffle and key is None:
+            raise ValueError("Stream(shuffle=True) draws each pass's order from key=: pass one")
+        reader = BatchReader(stream, lambda raw: prepare_data(first, raw), float_dtype(first))
+        x, _ = reader.first(key)
+        mesh, axis = None, None
+    else:
+        mesh, axis = _mesh_of(x, sharding)
+        x = prepare_data(first, x)
     check_log_joint(first, x)
     n = num_data(x)
     q.check(first.latent, n)
     e_step = _resolve_e_step(e_step, q)
     m_step = _resolve_m_step(m_step)
+    if batch_size is not None:
+        batch_size = _check_count("batch_size", batch_size)
+        batch_size = None if batch_size >= n else batch_size
+        if key is None and batch_size is not None:
+            raise ValueError(
+                "minibatches are drawn in a random order each pass: pass key=jax.random.key(...)"
+            )
+    online = (
+        isinstance(m_step, (StepwiseMStep, InertiaMStep))
+        or batch_size is not None
+        or (stream is not None and not isinstance(m_step, ExactMStep))
+    )
     if key is None:
         if q.needs_key:
             raise ValueError(
@@ -453,13 +486,25 @@ def fit(
                 f"over {first.latent!r} has none; use ej.Categorical() or ej.Gaussian()"
             )
     if frozen is not None:
-        if not hasattr(m_step, "trainable"):
+        if online or not hasattr(m_step, "trainable"):
             raise TypeError(
                 f"frozen= needs an M-step that moves selected parameters, got {m_step!r}"
             )
         m_step = dataclasses.replace(m_step, trainable=_trainable(first, frozen))
     dtype = float_dtype(first)
-    solver, chunk_size = _choose_solver(first, x, q, e_step, m_step, prior)
+    if online:
+        solver, chunk_size = _online_solver(first, x, q, e_step, m_step, prior, batch_size)
+    else:
+        solver, chunk_size = _choose_solver(first, x, q, e_step, m_step, prior)
+    if stream is not None and not (online or isinstance(solver, StatisticsEM)):
+        raise NotImplementedError(
+            "a stream is fitted by exact EM with statistics (a closed-form M-step, or one "
+            "elbo_jax finds in log_joint) or by an online M-step (ej.StepwiseMStep(), "
+            "ej.InertiaMStep(), ej.GradientMStep(...)); "
+            f"{type(first).__name__} with these options needs the data in memory"
+        )
+    if mesh is not None and online:
+        raise NotImplementedError("online fits (minibatches) on sharded data are not supported yet")
     if mesh is not None and not (
         isinstance(solver, StatisticsEM)
         or (
@@ -472,8 +517,9 @@ def fit(
             "sharded fits run exact EM with a closed-form or found M-step; gradient and "
             "numerical M-steps and gradient E-steps on sharded data are not supported yet"
         )
-    data = _data.make_dataset(x, dtype, chunk_size, mesh, axis)
-    q = _pad_q(q, data.weights.shape[0])
+    if stream is None:
+        data = _data.make_dataset(x, dtype, chunk_size, mesh, axis)
+        q = _pad_q(q, data.weights.shape[0])
     if isinstance(e_step, _OptaxStep):
         q_shape = eqx.filter_eval_shape(q.initialize, first, data.x, key=_unused_key())
         params, _ = eqx.partition(q_shape, _is_inexact_struct)
@@ -486,7 +532,28 @@ def fit(
 
     tol_arr = np.asarray(tol, dtype)
     elbos = None
-    if previous is not None:
+    if stream is not None:
+        if previous is not None:
+            _check_resumable(
+                previous,
+                eqx.filter_eval_shape(_stream_start, solver, model, q, reader, key, chunk_size),
+            )
+        loop, pieces, fitted = fit_stream(
+            solver,
+            model,
+            q,
+            reader,
+            key=key,
+            tol=tol_arr,
+            max_iters=max_iters,
+            chunk_rows=chunk_size,
+            num_data=stream.num_data,
+            previous=None if previous is None else _running(previous.state),
+            progress=progress,
+        )
+        history = pieces if previous is None else [np.asarray(previous.history), *pieces]
+        result_q = ExactPosterior()
+    elif previous is not None:
         loop = _resumable(previous, solver, model, q, data, key)
         total = previous.num_iters + max_iters
         loop, pieces = _continue(solver, loop, data, tol_arr, total, mesh)
@@ -527,8 +594,8 @@ def fit(
         )
     return FitResult(
         model=fitted,
-        q=_trim_rows(result_q, n, mesh),
-        history=jnp.asarray(np.concatenate(history)),
+        q=result_q if stream is not None else _trim_rows(result_q, n, mesh),
+        history=jnp.asarray(np.concatenate(history) if history else np.zeros((0,), dtype)),
         initial_elbo=jnp.asarray(-np.asarray(loop.initial_objective)),  # no compiled negation
         num_iters=num_iters,
         status=status,
@@ -566,7 +633,17 @@ def _resumable(previous: "FitResult", solver, model, q, data, key) -> LoopState:
     same solver and the same padded data shapes), and set running again."""
     from ._solvers._base import init as start
 
-    shapes = eqx.filter_eval_shape(start, solver, model, q, data, key)
+    # As in _call: the unsharded start on plain shapes (no mesh axis to reduce over, no
+    # sharding in the types), whose shapes are those of the sharded loop state.
+    plain = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if eqx.is_array(a) else a,
+        (model, q, dataclasses.replace(data, axis_name=None), key),
+    )
+    _check_resumable(previous, eqx.filter_eval_shape(start, solver, *plain))
+    return _running(previous.state)
+
+
+def _check_resumable(previous: "FitResult", shapes: Any) -> None:
     have = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), previous.state)
     want = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes)
     if jax.tree_util.tree_structure(have) != jax.tree_util.tree_structure(want) or (
@@ -576,7 +653,27 @@ def _resumable(previous: "FitResult", solver, model, q, data, key) -> LoopState:
             "cannot resume: this fit's options or data (its size, after padding) differ from "
             "those of the FitResult passed as `model`; pass the same q, steps and data"
         )
-    return eqx.tree_at(lambda s: s.status, previous.state, jnp.asarray(Status.RUNNING, jnp.int32))
+
+
+def _running(loop: LoopState) -> LoopState:
+    return eqx.tree_at(lambda s: s.status, loop, jnp.asarray(Status.RUNNING, jnp.int32))
+
+
+def _stream_start(solver, model, q, reader, key, chunk_rows):
+    """The loop state a fit over ``reader``'s stream starts from (for shapes)."""
+    from ._streamed import StreamFit, _init
+
+    driver = StreamFit(solver, reader, key, chunk_rows, reader.stream.num_data)
+    return _init(solver, model, q, driver.like(), key)
+
+
+def _as_stream(x: Any) -> Stream | None:
+    """``x`` as a ``Stream`` when it is one, or an iterator of batches (a generator)."""
+    if isinstance(x, Stream):
+        return x
+    if isinstance(x, Iterator):
+        return Stream(x)
+    return None
 
 
 _FROZEN = object()
@@ -614,6 +711,52 @@ def _compiled_prior(prior: Callable, model: Model) -> Callable:
         return Traced(prior, model)
     except Exception:  # noqa: BLE001 - any failure: keep the function, still correct
         return prior
+
+
+def _online_solver(
+    model: Model, x: Data, q: AbstractQ, e_step: Any, m_step: Any, prior: Prior, batch_size: Any
+) -> tuple[OnlineEM, int]:
+    """The online solver for ``m_step`` (stepwise, inertia, or a gradient M-step on
+    minibatches: stochastic EM), checked against the model, and the rows per chunk of its
+    passes over the whole data."""
+    if not (isinstance(q, ExactPosterior) and isinstance(e_step, ExactEStep)):
+        raise NotImplementedError(
+            "online fits take the exact posterior of each minibatch: use q=ej.ExactPosterior() "
+            "and e_step='exact' with batch_size= or an online m_step"
+        )
+    if isinstance(m_step, ExactMStep):
+        raise ValueError(
+            "batch_size= needs an M-step that learns from one minibatch at a time: "
+            "m_step=ej.StepwiseMStep(), ej.InertiaMStep() or ej.GradientMStep(...) (stochastic EM)"
+        )
+    name = type(m_step).__name__
+    closed_form = uses_closed_form(model, prior, None)
+    split = None
+    if isinstance(m_step, StepwiseMStep) and not closed_form:
+        split = affine_split(model, x)
+        if split is None:
+            raise TypeError(
+                f"StepwiseMStep needs statistics: {type(model).__name__} has no closed-form "
+                "M-step for this prior and elbo_jax found no statistics in its log_joint; use "
+                "ej.InertiaMStep() or ej.GradientMStep(...) with batch_size="
+            )
+    if isinstance(m_step, InertiaMStep) and closed_form:
+        closed_form = type(model).complete_data_statistics is not Model.complete_data_statistics
+    if isinstance(m_step, InertiaMStep) and not closed_form:
+        if isinstance(model.latent, (Chain, GaussianChain)) or not callable(
+            getattr(model, "sample", None)
+        ):
+            raise TypeError(
+                f"{name} needs the model's complete-data statistics "
+                "(complete_data_statistics) or, for the finite-sample approximation, "
+                f"model.sample(key, n) -> (x, z); {type(model).__name__} has neither. "
+                "Use ej.StepwiseMStep() or ej.GradientMStep(...)"
+            )
+    solver = OnlineEM(m_step, prior, closed_form=closed_form, split=split, batch_size=batch_size)
+    if not (closed_form or split is not None):
+        return solver, 0
+    plan = StatisticsEM(prior, ExactMStep(), closed_form=closed_form, split=split)
+    return solver, _statistics_chunk_rows(plan, model, x)
 
 
 def _choose_solver(

@@ -128,11 +128,25 @@ def _iterate(
     solver: AbstractSolver, loop: LoopState, data: Dataset, tol: Array, max_iters: Array
 ) -> LoopState:
     state, objective = solver.step(loop.solver_state, data, loop.started)
+    return advance(solver, loop, state, objective, data.num_data, tol, max_iters)
+
+
+def advance(
+    solver: AbstractSolver,
+    loop: LoopState,
+    state: Any,
+    objective: Array,
+    num_data: Array,
+    tol: Array,
+    max_iters: Array,
+) -> LoopState:
+    """The loop's bookkeeping after one trip that took ``loop.solver_state`` to ``state``
+    with F = ``objective`` (the step itself may have run in memory or over a stream)."""
     finite = jnp.isfinite(objective) & solver.is_finite(state)
     started = loop.started
     increase = objective - loop.objective
     # F is a mean of N terms: its rounding error grows like sqrt(N) eps (1 + |F|).
-    scale = jnp.sqrt(jnp.maximum(data.num_data.astype(objective.dtype), 1.0))
+    scale = jnp.sqrt(jnp.maximum(jnp.asarray(num_data).astype(objective.dtype), 1.0))
     rounding = 64 * jnp.finfo(objective.dtype).eps * (1 + jnp.abs(loop.objective)) * scale
     # A floor in a closed-form M-step (reg_covar) makes it exact on F + P, not on F: F may
     # then rise by up to P(old) - P(new) (Model.m_step_penalty, AbstractSolver.slack).

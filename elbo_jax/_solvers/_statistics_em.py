@@ -22,9 +22,10 @@ import jax.numpy as jnp
 from .._custom_types import Array, Data, Stats
 from .._data import Dataset, map_over_data, weighted_sum
 from .._latent import Discrete
-from .._model import Model, is_finite_tree
+from .._model import Model, float_dtype, is_finite_tree
 from .._objective import free_energy_from_sum
 from .._q import AbstractQ, Categorical, normalize_table
+from .._statistics import merge_statistics
 from .._steps import (
     ExactMStep,
     _split_params,
@@ -112,10 +113,45 @@ def posterior_of_data(
     return eqx.combine(arrays, static)
 
 
+def maximize_statistics(
+    model: Model,
+    stats: Stats,
+    prior: Any,
+    num_data: Array,
+    *,
+    closed_form: bool,
+    split: Any,
+    m_step: ExactMStep,
+) -> Model:
+    """The M-step from expected statistics: the model's closed form, or else the numerical
+    M-step on the objective that the found statistics (``split``) determine, which costs K
+    evaluations of the log-joint per step instead of N K."""
+    trainable = m_step.trainable
+    if closed_form:
+        return maximize_closed_form(model, stats, prior, trainable)
+    params, static = _split_params(model, trainable)
+
+    def loss(p):
+        m = eqx.combine(p, static)
+        return free_energy_from_sum(split.objective(m, stats), m, prior, num_data)
+
+    params = minimize_lbfgs(loss, params, max_steps=m_step.max_steps, tol=m_step.tol)
+    return eqx.combine(polish_newton(loss, params), static)
+
+
 class StatisticsState(eqx.Module):
     model: Model
     stats: Any  # the exact posterior's statistics at ``model`` (zeros before the start's pass)
     features: Any  # the split's per-datum features of the data rows, or None
+
+
+class _PassCarry(eqx.Module):
+    """A pass over a stream in progress."""
+
+    model: Model
+    stats: Any
+    total: Array  # sum of w_n log p(x_n | theta) so far
+    weight: Array  # data read so far
 
 
 class StatisticsEM(AbstractSolver):
@@ -168,33 +204,60 @@ class StatisticsEM(AbstractSolver):
         stats, objective = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return StatisticsState(model, stats, features), jnp.full_like(objective, jnp.nan)
 
-    def _maximize(self, model: Model, stats: Stats, data: Dataset) -> Model:
-        trainable = self.m_step.trainable
-        if self.closed_form:
-            return maximize_closed_form(model, stats, self.prior, trainable)
-        # No closed form: the numerical M-step on the objective the found statistics
-        # determine, which costs K evaluations of the log-joint per step instead of N K.
-        params, static = _split_params(model, trainable)
-
-        def loss(p):
-            m = eqx.combine(p, static)
-            return free_energy_from_sum(
-                self.split.objective(m, stats), m, self.prior, data.num_data
-            )
-
-        params = minimize_lbfgs(loss, params, max_steps=self.m_step.max_steps, tol=self.m_step.tol)
-        return eqx.combine(polish_newton(loss, params), static)
+    def _maximize(self, model: Model, stats: Stats, num_data: Array) -> Model:
+        return maximize_statistics(
+            model,
+            stats,
+            self.prior,
+            num_data,
+            closed_form=self.closed_form,
+            split=self.split,
+            m_step=self.m_step,
+        )
 
     def step(self, state, data, started):
         model = jax.lax.cond(
             started,
-            lambda m, s: self._maximize(m, s, data),
+            lambda m, s: self._maximize(m, s, data.num_data),
             lambda m, _: m,
             state.model,
             state.stats,
         )
         stats, objective = self._pass(model, data, state.features)
         return StatisticsState(model, stats, state.features), objective
+
+    # ------------------------------------------------ a pass over a stream, batch by batch
+    def start(self, state: StatisticsState, started: Array, num_data: Array) -> "_PassCarry":
+        """Begin a pass: the M-step from the last pass's statistics (none before the start's
+        pass), and empty statistics to merge the batches' into."""
+        model = jax.lax.cond(
+            started,
+            lambda m, s: self._maximize(m, s, num_data),
+            lambda m, _: m,
+            state.model,
+            state.stats,
+        )
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.stats)
+        zero = jnp.zeros((), float_dtype(model))
+        return _PassCarry(model, zeros, zero, zero)
+
+    def update(self, carry: "_PassCarry", batch: Dataset) -> "_PassCarry":
+        """Merge one batch's statistics into the pass's."""
+        stats, total = statistics_pass(
+            carry.model, batch, split=self.split, closed_form=self.closed_form
+        )
+        visited = jnp.sum(batch.weights).astype(carry.weight.dtype)
+        return _PassCarry(
+            carry.model,
+            merge_statistics(carry.stats, stats),
+            carry.total + total.astype(carry.total.dtype),
+            carry.weight + visited,
+        )
+
+    def finish(self, carry: "_PassCarry", num_data: Array) -> tuple[StatisticsState, Array]:
+        """The state after the pass, and F at its model."""
+        objective = free_energy_from_sum(carry.total, carry.model, self.prior, num_data)
+        return StatisticsState(carry.model, carry.stats, None), objective
 
     def result(self, state, data):
         q = posterior_of_data(state.model, data, split=self.split, features=state.features)
