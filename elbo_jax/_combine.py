@@ -39,9 +39,11 @@ def combine(
 
     For models with a closed-form M-step and complete-data statistics (the mixtures,
     PPCA / factor analysis) this is ``maximize`` of $\sum_m \bar s(\theta_m, \alpha_m)$, where
-    $\bar s(\theta, m)$ = ``model.complete_data_statistics(m)``: models fitted on shards of one
-    data set, combined with their shards' sizes as ``weights``, give the model fitted to the
-    whole (exactly, when each was one M-step from a common $\theta$). Other models need
+    $\bar s(\theta, m)$ = ``model.complete_data_statistics(m)``. When the statistics
+    determine $\theta$ one to one (the mixtures), models that were each one M-step from a
+    common $\theta$ on shards of one data set, combined with the shards' sizes as
+    ``weights``, give exactly the batch M-step on the whole; fitted further apart, the
+    combination is the relative-entropy compromise above. Other models need
     ``key`` and ``model.sample(key, n) -> (x, z)``: each $D_{RE}$ is estimated from
     ``num_samples`` draws and the minimiser is found numerically (L-BFGS from ``models[0]``).
 

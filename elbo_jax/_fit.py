@@ -460,7 +460,7 @@ def fit(
     if batch_size is not None:
         batch_size = _check_count("batch_size", batch_size)
         batch_size = None if batch_size >= n else batch_size
-        if key is None and batch_size is not None:
+        if key is None and batch_size is not None and previous is None:  # (resumed: its own)
             raise ValueError(
                 "minibatches are drawn in a random order each pass: pass key=jax.random.key(...)"
             )

@@ -31,13 +31,13 @@ class Stream:
 
     - ``source``:
         - an array-like with a leading data axis and slicing (``np.memmap``, ``h5py``,
-          ``zarr``, a NumPy array), or a pytree of them (such as ``ej.Sequences`` of
-          memmaps): read in slices of ``batch_size`` rows, in order or (``shuffle=True``) in
+          ``zarr``, a NumPy array), or a pytree of them other than a list or tuple (a dict,
+          ``ej.Sequences`` of memmaps): read in slices of ``batch_size`` rows, in order or (``shuffle=True``) in
           an order of the slices drawn from the fit's key for each pass;
         - a function ``() -> iterable of batches``: called once per pass;
-        - an iterable of batches (a list, a data loader): iterated once per pass; a one-shot
-          iterator such as a generator can be read only once (a fit that needs a second
-          pass raises a ``ValueError``: pass a function that returns a new generator).
+        - an iterable of batches (a list or tuple, a data loader): iterated once per pass;
+          a one-shot iterator such as a generator can be read only once (a fit that needs a
+          second pass raises a ``ValueError``: pass a function that returns a new generator).
 
       A batch is an array (or pytree) whose leading axis indexes its data; every batch has
       the same shape after that axis and the same dtype.
@@ -73,7 +73,12 @@ class Stream:
             raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
         if not isinstance(shuffle, bool):
             raise TypeError(f"shuffle must be True or False, got {shuffle!r}")
-        leaves = jax.tree_util.tree_leaves(source)
+        # A list or tuple holds batches; any other pytree of array-likes (a dict, Sequences)
+        # is one data set read in slices.
+        batches = isinstance(source, (list, tuple, Iterator)) or (
+            callable(source) and not _is_array_like(source)
+        )
+        leaves = [] if batches else jax.tree_util.tree_leaves(source)
         self.sliced = bool(leaves) and all(_is_array_like(leaf) for leaf in leaves)
         if self.sliced:
             lengths = {int(leaf.shape[0]) for leaf in leaves}

@@ -183,6 +183,20 @@ def test_online_em_on_minibatches_reaches_the_batch_optimum(separated_mixture, m
     assert 0 <= gap < 1e-3
 
 
+def test_stepwise_em_on_a_stream_reaches_the_batch_optimum(separated_mixture, tmp_path):
+    """The data set on disk, streamed in slices of 300 rows in a new order each pass."""
+    x, start, batch = separated_mixture
+    np.save(tmp_path / "x.npy", np.asarray(x))
+    stream = ej.Stream(np.load(tmp_path / "x.npy", mmap_mode="r"), batch_size=300, shuffle=True)
+    rule = ej.StepwiseMStep(kappa=0.7)
+    online = ej.fit(start, stream, m_step=rule, max_iters=8, tol=0, key=jax.random.key(12))
+    _leaves_close(online.model.loc, batch.model.loc, 1e-2)
+    _leaves_close(online.model.covariances, batch.model.covariances, 1e-2)
+    _leaves_close(online.model.weights, batch.model.weights, 1e-2)
+    gap = float(ej.log_evidence(batch.model, x) - ej.log_evidence(online.model, x))
+    assert 0 <= gap < 1e-3
+
+
 def test_float32_online_em_matches_float64(separated_mixture):
     x, start, _ = separated_mixture
     as32 = lambda tree: jax.tree_util.tree_map(
