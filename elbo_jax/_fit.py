@@ -372,7 +372,12 @@ def fit(
     - generalized EM: ``m_step=ej.GradientMStep(optax.adam(1e-2), num_steps=10)``;
     - MAP-EM: ``prior=lambda model: log p(θ)``;
     - hard EM: ``q=ej.PointMass()``; partial/variational E-steps:
-      ``q=ej.Categorical()`` or ``ej.Gaussian()`` with ``e_step=ej.GradientEStep(...)``.
+      ``q=ej.Categorical()`` or ``ej.Gaussian()`` with ``e_step=ej.GradientEStep(...)``;
+    - online EM: ``m_step=ej.StepwiseMStep()``, ``ej.InertiaMStep()`` or (stochastic EM) a
+      ``GradientMStep`` with ``batch_size=B``: one M-step per minibatch, one iteration per
+      pass over the data;
+    - data that do not fit on the device: ``x=ej.Stream(memmap, batch_size=B)`` (exact EM
+      read batch by batch, or online EM with an online ``m_step``).
 
     **Arguments:**
 
@@ -381,8 +386,13 @@ def fit(
       ``FitResult`` to resume: ``max_iters`` more iterations from its state, with the same
       data and options, identical to a fit that had not stopped.
     - `x`: data, leading axis of length $N$. Floating data are cast to the model's dtype.
+      Or an ``ej.Stream`` (or a generator of batches, a one-shot stream): then each
+      iteration reads it once, ``restarts`` and ``sharding`` do not apply, and the result's
+      ``q`` is ``ExactPosterior()``.
     - `q`: recognition family (default ``ej.ExactPosterior()``).
-    - `e_step`, `m_step`: ``"exact"`` or a gradient step.
+    - `e_step`: ``"exact"`` or a ``GradientEStep``.
+    - `m_step`: ``"exact"``, a ``GradientMStep``, or an online M-step (``StepwiseMStep``,
+      ``InertiaMStep``; these need the exact E-step).
     - `prior`: ``prior(model) -> log p(θ)``, a scalar; ``None`` for maximum likelihood.
     - `max_iters`: at most this many iterations.
     - `tol`: stop when $|F_t - F_{t-1}| <$ ``tol`` (per datum). ``tol=0`` runs ``max_iters``.
@@ -401,6 +411,10 @@ def fit(
       ``axis`` (any N: the data are padded per device). Data already placed with such a
       sharding are fitted data-parallel without it. Each device reduces its rows; statistics,
       F and gradients are merged across the mesh, so the result equals the unsharded fit.
+    - `batch_size`: rows per minibatch of an online fit (with an online ``m_step``, or a
+      ``GradientMStep``: stochastic EM); the order is drawn from ``key`` each pass, and the
+      N real rows split into ``ceil(N / batch_size)`` minibatches of near-equal size.
+      ``None`` (default): the whole data.
     - `progress`: show a tqdm bar (the loop runs in ~100 compiled chunks; no sync per iteration).
     - `throw`: raise ``RuntimeError`` instead of warning when the fit goes non-finite.
 

@@ -289,3 +289,52 @@ def test_online_errors(gmm_data):
     hmm = GaussianHMM.initialize(jax.random.key(0), seqs, 2)
     with pytest.raises(TypeError, match="InertiaMStep needs the model's complete-data"):
         ej.fit(hmm, seqs, m_step=ej.InertiaMStep())
+
+
+def test_new_step_sizes_and_streams_do_not_recompile(gmm_data, tmp_path):
+    x, model = gmm_data
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(kwargs.get("fun_name"))
+
+    np.save(tmp_path / "x.npy", np.asarray(x))
+    memmap = np.load(tmp_path / "x.npy", mmap_mode="r")
+
+    def run(kappa, eta):
+        key = jax.random.key(0)
+        a = ej.fit(
+            model, x, m_step=ej.StepwiseMStep(kappa=kappa), batch_size=64, max_iters=3, key=key
+        )
+        b = ej.fit(model, x, m_step=ej.InertiaMStep(eta=eta), batch_size=64, max_iters=3, key=key)
+        c = ej.fit(model, ej.Stream(memmap, batch_size=250), max_iters=3)
+        return a, b, c
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first = run(0.6, 1.0)
+        num_first = len(compiles)
+        second = run(0.9, 3.0)
+        num_second = len(compiles) - num_first
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert num_first > 0
+    assert num_second == 0, compiles[num_first:]
+    assert float(jnp.max(jnp.abs(first[0].model.loc - second[0].model.loc))) > 0
+
+
+def test_online_restarts(gmm_data):
+    x, _ = gmm_data
+    init = lambda k: GaussianMixture.initialize(k, x, 3)
+    rule = ej.StepwiseMStep()
+    best = ej.fit(
+        init, x, m_step=rule, batch_size=100, restarts=3, max_iters=3, key=jax.random.key(1)
+    )
+    assert best.restart_elbos.shape == (3,)
+    keys = jax.random.split(jax.random.key(1), 3)
+    single = [
+        ej.fit(init(k), x, m_step=rule, batch_size=100, max_iters=3, key=k).history[-1]
+        for k in keys
+    ]
+    np.testing.assert_allclose(best.restart_elbos, single, rtol=1e-10)
