@@ -1,4 +1,5 @@
-"""``python -m benchmarks run [--quick] [--only NAME[,NAME]] [--out DIR] [--in-process]``."""
+"""``python -m benchmarks run [--quick] [--only NAME[,NAME]] [--out DIR] [--in-process]``
+and ``python -m benchmarks online [--quick] [--out DIR]``."""
 
 import argparse
 import os
@@ -38,11 +39,59 @@ def _parser() -> argparse.ArgumentParser:
         help=argparse.SUPPRESS,
     )
     run.add_argument("--methods", default=None, help=argparse.SUPPRESS)  # ";"-separated names
+    online = sub.add_parser(
+        "online",
+        help="online (stepwise, inertia), out-of-core (ej.Stream) and sharded EM; writes "
+        "results_online.json / results_online.md",
+    )
+    online.add_argument("--quick", action="store_true", help="N/20, float64 only (a minute or two)")
+    online.add_argument(
+        "--out", default=None, help="output folder (default benchmarks/results/<device kind>/)"
+    )
+    # Hidden knobs for tests and smoke runs: shrink further, fewer device counts, the
+    # out-of-core rows in this process (their peak memory is then not reported), and the
+    # test's small grid (gmm-diag only, one batch size and kappa, two passes).
+    online.add_argument(
+        "--scale",
+        type=float,
+        default=float(os.environ.get("ELBO_JAX_BENCH_SCALE", 1.0)),
+        help=argparse.SUPPRESS,
+    )
+    online.add_argument("--devices", default=None, help=argparse.SUPPRESS)  # e.g. "1,2"
+    online.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    online.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def _run_online(args: argparse.Namespace) -> dict:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # float64 rows and scoring; float32 built explicitly
+
+    from . import _device, _online
+
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).parent / "results" / _device.device_dir_name()
+    )
+    results = _online.run(
+        quick=args.quick,
+        scale=args.scale,
+        out_dir=out,
+        devices=args.devices,
+        in_process=args.in_process,
+        smoke=args.smoke,
+    )
+    print(_online.markdown(results))
+    print(f"wrote {results['paths']['json']} and {results['paths']['md']}", file=sys.stderr)
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
+    if args.command == "online":
+        return _run_online(args)
     # OpenMP threads that spin while waiting make torch (pomegranate) many times slower on a
     # machine with other load; passive waiting costs nothing on a quiet one. Set before torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -218,3 +218,84 @@ def test_rounds_merge_to_the_best_warm_time_and_the_smallest_overhead():
     assert merged["result"]["first_s"] == 1.5 + 1.0  # best warm + the smaller overhead (3 - 2)
     assert merged["peak_mib"] == 12
     assert _merge_rounds([{"error": "x"}]) == {"error": "x"}
+
+
+# ------------------------------------------------------------ python -m benchmarks online
+ONLINE_ROW_KEYS = {"workload", "dtype", "method", "batch_size", "kappa", "curve", "loglik"}
+ONLINE_ROW_KEYS |= {"l10", "passes_to_target", "s_per_pass", "compile_s", "status"}
+
+
+@pytest.fixture(scope="module")
+def online(tmp_path_factory):
+    """``python -m benchmarks online`` on its test grid (gmm-diag only, N=5,000, one batch
+    size and kappa, two passes; the out-of-core rows in this process; 1 and 2 devices)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.__main__ import main
+
+    out = tmp_path_factory.mktemp("online")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ELBO_JAX_BENCH_CACHE", str(out / "cache"))
+        args = ["online", "--quick", "--scale", "0.1", "--smoke", "--in-process", "--out", str(out)]
+        results = main(args)
+    return results, out
+
+
+def test_online_files_and_keys(online):
+    _, out = online
+    saved = json.loads((out / "results_online_quick.json").read_text())
+    for key in ("settings", "device", "online", "out_of_core", "sharded", "targets", "wall_s"):
+        assert key in saved
+    for key in ("cpu_model", "cpu_count", "versions", "git_commit", "date_utc"):
+        assert key in saved["device"]
+    for row in saved["online"]:
+        assert ONLINE_ROW_KEYS <= set(row), row
+    assert all({"target", "goal", "value", "met"} <= set(t) for t in saved["targets"])
+    assert saved["out_of_core"]["read"]["warm_bytes_per_s"] > 0
+    md = (out / "results_online_quick.md").read_text()
+    for heading in (
+        "**Targets**",
+        "**Online EM against batch EM**",
+        "**Out-of-core exact EM**",
+        "**Sharded exact EM**",
+        "| gmm-diag | float64 | stepwise |",
+    ):
+        assert heading in md
+
+
+def test_online_passes_against_batch_em(online):
+    results, _ = online
+    rows = {r["method"]: r for r in results["online"]}
+    assert set(rows) == {"batch EM", "stepwise", "inertia"}
+    batch = rows["batch EM"]
+    # Batch EM's own history reaches L10 - 1e-3 within its 10 iterations.
+    assert math.isfinite(batch["l10"]) and 1 <= batch["passes_to_target"] <= 10
+    passes = results["settings"]["passes"]
+    for name in ("stepwise", "inertia"):
+        row = rows[name]
+        assert row["status"] == "ok" and len(row["curve"]) == passes
+        assert all(math.isfinite(v) for v in row["curve"])
+        reached = [i + 1 for i, v in enumerate(row["curve"]) if v >= batch["l10"] - 1e-3]
+        assert row["passes_to_target"] == (reached[0] if reached else None)
+        assert row["s_per_pass"] is None or row["s_per_pass"] > 0
+    # With eta's default, inertia EM's update is stepwise EM's (moment-matching M-step).
+    assert rows["inertia"]["max_diff_to_stepwise"] < 1e-9
+
+
+def test_streamed_equals_in_memory(online):
+    results, _ = online
+    table = results["out_of_core"]["rows_table"]
+    assert {r["source"] for r in table} == {"memory", "memmap", "device"}
+    for row in table:
+        assert row["status"] == "ok", row
+        assert row["loglik_rel_diff"] <= 1e-6, row
+        assert math.isfinite(row["loglik"])
+
+
+def test_sharded_equals_one_device(online):
+    results, _ = online
+    rows = results["sharded"]
+    assert [r["devices"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["loglik_rel_diff"] <= 1e-6
