@@ -21,6 +21,7 @@ import jax.random as jr
 import numpy as np
 
 from ._custom_types import Key
+from ._latent import Chain
 from ._model import Model, float_dtype
 from ._statistics import merge_statistics
 from ._steps import _split_params, minimize_lbfgs
@@ -31,6 +32,7 @@ def combine(
     models: Sequence[Model],
     weights: Any = None,
     *,
+    lengths: Any = None,
     key: Key | None = None,
     num_samples: int = 1024,
 ) -> Model:
@@ -52,6 +54,9 @@ def combine(
     - `models`: two or more models of one class, with parameters of the same shapes.
     - `weights`: $\alpha_m \ge 0$, one per model (default: all 1), e.g. the number of data
       each model was fitted to.
+    - `lengths`: for sequence models (the HMMs), the relative entropies are between
+      distributions of whole sequences: their lengths (an int, or an array of lengths, each
+      equally likely — such as the data's).
     - `key`, `num_samples`: for the finite-sample approximation only.
 
     ```python
@@ -66,7 +71,19 @@ def combine(
         first
     ).complete_data_statistics is not Model.complete_data_statistics and first.has_closed_form(None)
     if has_statistics:
-        return _combine_statistics(models, alphas)
+        if isinstance(first.latent, Chain):
+            if lengths is None:
+                raise ValueError(
+                    f"combining {type(first).__name__}s compares distributions of whole "
+                    "sequences: pass lengths= (an int, or the lengths of the data's sequences)"
+                )
+            lengths = np.atleast_1d(np.asarray(lengths))
+            if lengths.ndim != 1 or lengths.size == 0 or np.any(lengths < 1):
+                raise ValueError(f"lengths must be positive ints, got {lengths.tolist()}")
+            own = lambda m, a: m.complete_data_statistics(a, lengths, num_steps=int(lengths.max()))
+        else:
+            own = lambda m, a: m.complete_data_statistics(a)
+        return _combine_statistics(models, alphas, own)
     sample = getattr(first, "sample", None)
     if not callable(sample):
         raise TypeError(
@@ -143,11 +160,10 @@ def _check_weights(weights: Any, count: int, dtype: Any) -> np.ndarray:
     return alphas.astype(dtype)
 
 
-@eqx.filter_jit
-def _combine_statistics(models: list, alphas: Any) -> Model:
-    merged = models[0].complete_data_statistics(alphas[0])
+def _combine_statistics(models: list, alphas: Any, own: Any) -> Model:
+    merged = own(models[0], alphas[0])
     for model, alpha in zip(models[1:], alphas[1:], strict=True):
-        merged = merge_statistics(merged, model.complete_data_statistics(alpha))
+        merged = merge_statistics(merged, own(model, alpha))
     return models[0].maximize(merged, None)
 
 

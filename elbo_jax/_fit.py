@@ -766,7 +766,11 @@ def _online_solver(
                 f"model.sample(key, n) -> (x, z); {type(model).__name__} has neither. "
                 "Use ej.StepwiseMStep() or ej.GradientMStep(...)"
             )
-    solver = OnlineEM(m_step, prior, closed_form=closed_form, split=split, batch_size=batch_size)
+    has_own = type(model).complete_data_statistics is not Model.complete_data_statistics
+    seeded = isinstance(m_step, StepwiseMStep) and closed_form and has_own
+    solver = OnlineEM(
+        m_step, prior, closed_form=closed_form, split=split, batch_size=batch_size, seeded=seeded
+    )
     if not (closed_form or split is not None):
         return solver, 0
     plan = StatisticsEM(prior, ExactMStep(), closed_form=closed_form, split=split)

@@ -158,3 +158,20 @@ def test_combine_errors():
     sampled = SampledPoisson(user.mix_logits, user.log_rates)
     with pytest.raises(ValueError, match="pass key="):
         ej.combine([sampled, sampled])
+
+
+def test_combine_hmms_over_sequences_of_given_lengths():
+    from elbo_jax.models import GaussianHMM
+
+    key = jax.random.key(3)
+    x = 3 * jax.random.normal(key, (6, 20, 2))
+    a = GaussianHMM.initialize(jax.random.key(1), x, 2)
+    assert _max_diff(ej.combine([a, a], lengths=20), a) < 1e-12
+    b = ej.fit(a, x, max_iters=3).model
+    both = ej.combine([a, b], weights=[1.0, 3.0], lengths=[10, 20])
+    assert jnp.all(jnp.isfinite(both.loc))
+    # Between the two (the means of each state are mixed by the states' occupancies).
+    lo, hi = jnp.minimum(a.loc, b.loc), jnp.maximum(a.loc, b.loc)
+    assert bool(jnp.all((both.loc >= lo - 1e-12) & (both.loc <= hi + 1e-12)))
+    with pytest.raises(ValueError, match="pass lengths="):
+        ej.combine([a, b])

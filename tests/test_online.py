@@ -285,10 +285,9 @@ def test_online_errors(gmm_data):
         ej.fit(model, x, q=ej.Categorical(), m_step=ej.StepwiseMStep())
     with pytest.raises(TypeError, match="frozen="):
         ej.fit(model, x, m_step=ej.StepwiseMStep(), frozen=lambda m: m.loc)
-    seqs = jax.random.normal(jax.random.key(0), (2, 5, 2))
-    hmm = GaussianHMM.initialize(jax.random.key(0), seqs, 2)
+    counts = poisson_data(n=50)
     with pytest.raises(TypeError, match="InertiaMStep needs the model's complete-data"):
-        ej.fit(hmm, seqs, m_step=ej.InertiaMStep())
+        ej.fit(poisson_mixture([0.0, 0.1, -0.1], [0.5, 1.5, 2.5]), counts, m_step=ej.InertiaMStep())
 
 
 def test_new_step_sizes_and_streams_do_not_recompile(gmm_data, tmp_path):
@@ -338,3 +337,74 @@ def test_online_restarts(gmm_data):
         for k in keys
     ]
     np.testing.assert_allclose(best.restart_elbos, single, rtol=1e-10)
+
+
+def test_hmm_complete_data_statistics_by_enumeration():
+    """The chain's expected complete-data statistics against the sum over all state paths
+    of length 2 and 4 (K = 2), each weighted by its probability; the emissions' follow the
+    state occupancies; maximize of them gives the model back."""
+    import itertools
+
+    from elbo_jax.models import CategoricalHMM, PoissonHMM
+
+    seqs = jnp.asarray(np.random.default_rng(0).poisson(3.0, (3, 6, 2)), jnp.float64)
+    model = PoissonHMM.initialize(jax.random.key(0), seqs, 2)
+    pi = np.exp(np.asarray(model.initial_log_probs()))
+    a = np.exp(np.asarray(model.transition_log_probs()))
+
+    def enumerate_paths(length):
+        initial, transitions, occupancy = np.zeros(2), np.zeros((2, 2)), np.zeros(2)
+        for path in itertools.product(range(2), repeat=length):
+            p = pi[path[0]] * np.prod([a[i, j] for i, j in itertools.pairwise(path)])
+            initial[path[0]] += p
+            for i, j in itertools.pairwise(path):
+                transitions[i, j] += p
+            for s in path:
+                occupancy[s] += p
+        return initial, transitions, occupancy
+
+    short, long = enumerate_paths(2), enumerate_paths(4)
+    stats = model.complete_data_statistics(
+        10.0, jnp.asarray([2, 4, 4]), weights=jnp.asarray([1.0, 0.5, 0.5])
+    )
+    # Half the 10 sequences have length 2, half length 4.
+    want = [5 * (a2 + a4) for a2, a4 in zip(short, long, strict=True)]
+    np.testing.assert_allclose(stats["initial"], want[0], rtol=1e-12)
+    np.testing.assert_allclose(stats["transitions"], want[1], rtol=1e-12)
+    np.testing.assert_allclose(stats["emissions"]["counts"], want[2], rtol=1e-12)
+    np.testing.assert_allclose(
+        stats["emissions"]["sums"], want[2][:, None] * np.asarray(model.rates), rtol=1e-12
+    )
+    back = model.maximize(stats)
+    _leaves_close(back.transition_log_probs(), model.transition_log_probs(), 1e-12)
+    _leaves_close(back.log_rates, model.log_rates, 1e-12)
+    symbols = jnp.asarray(np.random.default_rng(1).integers(0, 4, (3, 6)))
+    categorical = CategoricalHMM.initialize(jax.random.key(1), symbols, 2)
+    back = categorical.maximize(categorical.complete_data_statistics(7.0, 6))
+    _leaves_close(back._log_probs(), categorical._log_probs(), 1e-12)
+    _leaves_close(back.initial_log_probs(), categorical.initial_log_probs(), 1e-12)
+
+
+def test_inertia_em_on_an_hmm():
+    key = jax.random.key(3)
+    hmm = GaussianHMM.initialize(key, 3 * jax.random.normal(key, (4, 30, 2)), 3)
+    x, _ = hmm.sample(jax.random.key(4), 12, 30)
+    start = GaussianHMM.initialize(jax.random.key(5), x, 3)
+    batch = ej.fit(start, x, max_iters=2, tol=0)
+    plain = ej.fit(start, x, max_iters=2, tol=0, m_step=ej.InertiaMStep(eta=math.inf))
+    _leaves_close(plain.model, batch.model, 1e-12)
+    rule = ej.InertiaMStep(kappa=0.7)
+    online = ej.fit(start, x, m_step=rule, batch_size=3, max_iters=6, tol=0, key=jax.random.key(6))
+    gain = float(ej.log_evidence(online.model, x) - ej.log_evidence(start, x))
+    assert gain > 0.1
+    # Inertia on an HMM is not stepwise EM (the chain's statistics lose information).
+    stepwise = ej.fit(
+        start,
+        x,
+        m_step=ej.StepwiseMStep(kappa=0.7),
+        batch_size=3,
+        max_iters=6,
+        tol=0,
+        key=jax.random.key(6),
+    )
+    assert float(jnp.max(jnp.abs(stepwise.model.loc - online.model.loc))) > 1e-6

@@ -36,7 +36,7 @@ import numpy as np
 
 from .._custom_types import Array, Key
 from .._data import Dataset, weighted_sum
-from .._latent import Discrete
+from .._latent import Chain, Discrete
 from .._model import Model, float_dtype, is_finite_tree
 from .._objective import _free_energy, free_energy_from_sum
 from .._q import ExactPosterior, normalize_table
@@ -68,7 +68,8 @@ class _Schedule(eqx.Module):
     tau: Any
     step_size: Any  # None, a float array, or a callable t -> rho (static)
 
-    def rho(self, t: Array, dtype: Any) -> Array:
+    def rho(self, t: Array, dtype: Any, *, first_whole: bool) -> Array:
+        """$\rho_t$ for the ``t``-th update (from 1); ``first_whole``: $\rho_1 = 1$."""
         t = t.astype(dtype)
         if self.step_size is None:
             value = (t + jnp.asarray(self.tau, dtype)) ** (-jnp.asarray(self.kappa, dtype))
@@ -76,7 +77,8 @@ class _Schedule(eqx.Module):
             value = jnp.asarray(self.step_size(t), dtype)
         else:
             value = jnp.asarray(self.step_size, dtype)
-        # The first update takes the minibatch's statistics whole: before it there are none.
+        if not first_whole:
+            return value
         return jnp.where(t <= 1, jnp.ones((), dtype), value)
 
 
@@ -98,8 +100,11 @@ class StepwiseMStep(eqx.Module):
     $\hat s_b$ is the minibatch's expected statistics at $\theta_{t-1}$, scaled to the whole
     data set ($N / B_b$). The step sizes are $\rho_t = (t + \tau)^{-\kappa}$ for the $t$-th
     minibatch (Cappé & Moulines need $\kappa \in (0.5, 1]$), or ``step_size``: a constant in
-    (0, 1] or a function ``t -> rho_t`` of a float array. The first update always takes
-    $\rho_1 = 1$. With ``step_size=1.0`` and the whole data as one batch it is batch EM.
+    (0, 1] or a function ``t -> rho_t`` of a float array. The running statistics start from
+    the start model's own, $s_0 = \bar s(\theta_0, N)$ (``complete_data_statistics``), so the
+    first minibatches refine the start rather than replace it; for a model without them
+    (statistics found in ``log_joint``) the first update takes $\rho_1 = 1$. With
+    ``step_size=1.0`` and the whole data as one batch it is batch EM.
 
     ``average=True``: the returned model is ``maximize`` of the running mean of $s_t$ over
     all updates after the first pass (Polyak–Ruppert averaging, in the statistics), while the
@@ -145,7 +150,11 @@ class InertiaMStep(eqx.Module):
 
     ``eta``: a positive number (``math.inf`` allowed), a function ``t -> eta_t``, or ``None``
     (default): $\eta_t = \rho_t / (1 - \rho_t)$ with $\rho_t = (t + \tau)^{-\kappa}$, which gives
-    the minibatch the weight that stepwise EM's $\rho_t$ gives it.
+    the minibatch the weight that stepwise EM's $\rho_t$ gives it. (For a model whose
+    statistics determine $\theta$ one to one — a mixture with no prior and no floor in
+    play — the two then take the same steps: the model's own statistics are stepwise EM's
+    running ones. They differ under a prior, floors, or statistics that lose information,
+    such as an HMM's.)
     """
 
     schedule: _Schedule
@@ -171,7 +180,7 @@ class InertiaMStep(eqx.Module):
     def inverse_eta(self, t: Array, dtype: Any) -> Array:
         r"""$1/\eta_t$."""
         if self.eta is None:
-            rho = self.schedule.rho(t, dtype)
+            rho = self.schedule.rho(t, dtype, first_whole=False)
             return (1 - rho) / rho
         eta = self.eta(t.astype(dtype)) if callable(self.eta) else self.eta
         return 1 / jnp.asarray(eta, dtype)
@@ -226,6 +235,7 @@ class OnlineEM(AbstractSolver):
     closed_form: bool = eqx.field(static=True)
     split: Any = None
     batch_size: int | None = eqx.field(static=True, default=None)
+    seeded: bool = eqx.field(static=True, default=False)  # stepwise s_0 from the start
 
     @property
     def monotone(self) -> bool:
@@ -234,16 +244,29 @@ class OnlineEM(AbstractSolver):
     # ---------------------------------------------------------------- state
     def init(self, model, q, data, key):
         del q
-        stats = None
+        stats = averaged = None
         if isinstance(self.m_step, StepwiseMStep):
             shapes = jax.eval_shape(lambda m: self._statistics(m, data)[0], model)
-            stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            # s_0: the start's own statistics for the whole data set, so that the first
+            # minibatches refine the start rather than replace it; none without them.
+            stats = self.own_statistics(model, data.num_data, data) if self.seeded else zeros
+            averaged = zeros if self.m_step.average else None
         m_state = self.m_step.init(model) if isinstance(self.m_step, GradientMStep) else None
-        averaged = stats if getattr(self.m_step, "average", False) else None
         dtype = _dtype(model)
         zero = jnp.zeros((), jnp.int32)
         state = OnlineState(model, stats, averaged, zero, m_state, zero, zero, key)
         return state, jnp.full((), jnp.nan, dtype)
+
+    def own_statistics(self, model: Model, num_data: Any, like: Dataset) -> Any:
+        """The model's complete-data statistics for ``num_data`` data (sequences: with the
+        lengths of ``like``'s)."""
+        if isinstance(model.latent, Chain):
+            x = like.x
+            return model.complete_data_statistics(
+                num_data, x.lengths, weights=like.weights, num_steps=x.frames.shape[1]
+            )
+        return model.complete_data_statistics(num_data)
 
     def _statistics(self, model: Model, batch: Dataset) -> tuple[Any, Array]:
         return statistics_pass(model, batch, split=self.split, closed_form=self.closed_form)
@@ -286,7 +309,7 @@ class OnlineEM(AbstractSolver):
             model, m_state = rule.step(model, q, m_state, batch, key=step_key, prior=self.prior)
         elif isinstance(rule, StepwiseMStep):
             batch_stats, total = self._statistics(model, batch)
-            rho = rule.schedule.rho(count, dtype)
+            rho = rule.schedule.rho(count, dtype, first_whole=not self.seeded)
             stats = merge_statistics(
                 scale_statistics(stats, 1 - rho), scale_statistics(batch_stats, rho)
             )
@@ -314,7 +337,7 @@ class OnlineEM(AbstractSolver):
         inverse_eta = self.m_step.inverse_eta(count, dtype)
         if self.closed_form:
             batch_stats, total = self._statistics(model, batch)
-            own = model.complete_data_statistics(batch.num_data * inverse_eta)
+            own = self.own_statistics(model, batch.num_data * inverse_eta, batch)
             return total, maximize_closed_form(
                 model, merge_statistics(batch_stats, own), self.prior, None
             )

@@ -16,6 +16,7 @@ from ._emissions import (
     categorical_log_density,
     categorical_maximize,
     categorical_statistics,
+    complete_data_count_statistics,
     count_statistics,
     poisson_log_density,
     poisson_maximize,
@@ -23,6 +24,7 @@ from ._emissions import (
 from ._hmm import (
     HMM,
     HMMPrior,
+    chain_complete_statistics,
     chain_statistics,
     check_chain_parameters,
     check_frames,
@@ -132,6 +134,15 @@ class CategoricalHMM(HMM):
         )
         return stats
 
+    def complete_data_statistics(
+        self, num_data: Any, lengths: Any, *, weights: Any = None, num_steps: int | None = None
+    ) -> dict:
+        """The expected statistics of ``num_data`` sequences drawn from the model, of the
+        ``lengths`` given (``chain_complete_statistics``): $C_{km} = o_k p_{km}$."""
+        stats, occupancy = chain_complete_statistics(self, num_data, lengths, weights, num_steps)
+        stats["emissions"] = occupancy[:, None] * jnp.exp(self._log_probs())
+        return stats
+
     def maximize(self, stats: dict, prior: Any = None) -> "CategoricalHMM":
         initial_logits, transition_logits = maximize_chain(self, stats, prior)
         emission = categorical_maximize(stats["emissions"], self._log_probs())
@@ -237,6 +248,16 @@ class PoissonHMM(HMM):
         n, t, k = marginals.shape
         frames = x.frames.reshape(n * t, -1).astype(marginals.dtype)
         stats["emissions"] = count_statistics(frames, marginals.reshape(n * t, k))
+        return stats
+
+    def complete_data_statistics(
+        self, num_data: Any, lengths: Any, *, weights: Any = None, num_steps: int | None = None
+    ) -> dict:
+        r"""The expected statistics of ``num_data`` sequences drawn from the model, of the
+        ``lengths`` given (``chain_complete_statistics``): $N_k = o_k$, $S_{kd} = o_k
+        \lambda_{kd}$."""
+        stats, occupancy = chain_complete_statistics(self, num_data, lengths, weights, num_steps)
+        stats["emissions"] = complete_data_count_statistics(occupancy, self.rates)
         return stats
 
     def maximize(self, stats: dict, prior: Any = None) -> "PoissonHMM":

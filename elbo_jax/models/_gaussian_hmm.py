@@ -17,6 +17,7 @@ from ._gaussian_mixture import GaussianMixture
 from ._hmm import (
     HMM,
     HMMPrior,
+    chain_complete_statistics,
     chain_statistics,
     check_chain_parameters,
     check_frames,
@@ -163,6 +164,17 @@ class GaussianHMM(HMM):
         stats["emissions"] = self._components().sufficient_statistics(
             frames, Categorical(jnp.log(resp), resp)
         )
+        return stats
+
+    def complete_data_statistics(
+        self, num_data: Any, lengths: Any, *, weights: Any = None, num_steps: int | None = None
+    ) -> dict:
+        """The expected statistics of ``num_data`` sequences drawn from the model, of the
+        ``lengths`` given (``chain_complete_statistics``; the emissions' less the
+        ``reg_covar`` floor, as the mixture's), so that ``maximize`` of them gives the model
+        back."""
+        stats, occupancy = chain_complete_statistics(self, num_data, lengths, weights, num_steps)
+        stats["emissions"] = self._components().statistics_for_counts(occupancy)
         return stats
 
     def maximize(self, stats: dict, prior: Any = None) -> "GaussianHMM":

@@ -664,8 +664,12 @@ class GaussianMixture(AbstractMixture):
         The M-step adds $r$ back, so ``maximize`` of them gives this model back (up to
         rounding), and merged with other statistics the floor is added once, not once per
         part (online EM's inertia, ``ej.combine``)."""
+        return self.statistics_for_counts(jnp.asarray(num_data, self.loc.dtype) * self.weights)
+
+    def statistics_for_counts(self, counts: Float[Array, " K"]) -> GaussianMixtureStatistics:
+        """``complete_data_statistics`` with ``counts[k]`` data drawn from component ``k``
+        (the mixture's weights play no part: an HMM's state occupancies)."""
         dtype = self.loc.dtype
-        counts = jnp.asarray(num_data, dtype) * self.weights
         expand = (slice(None),) + (None,) * (self.raw_precision_factor.ndim - 1)
         floor = self.reg_covar * (
             jnp.ones((self.dim,), dtype)

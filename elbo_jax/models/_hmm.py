@@ -300,6 +300,33 @@ def chain_statistics(model: HMM, x: Sequences, q: AbstractQ, weights: Any) -> tu
     return stats, marginals
 
 
+def chain_complete_statistics(
+    model: HMM, num_data: Any, lengths: Any, weights: Any = None, num_steps: int | None = None
+) -> tuple[dict, Array]:
+    r"""The chain's expected complete-data statistics for $m$ = ``num_data`` sequences drawn
+    from the model, with lengths distributed as ``lengths`` (an int, or an array of lengths
+    weighted by ``weights``): ``{"initial": m pi, "transitions": m sum_{t < L-1} p_t(i) A_ij}``
+    averaged over the lengths, with $p_t = \pi A^t$ the state marginals; and the expected
+    state occupancies $m \sum_{t < L} p_t$ ``(K,)`` for the emissions'. ``num_steps``: a bound
+    on the lengths known at trace time (default: the largest of ``lengths``)."""
+    dtype = float_dtype(model)
+    lengths = jnp.atleast_1d(jnp.asarray(lengths, jnp.int32))
+    if num_steps is None:
+        num_steps = int(np.max(np.asarray(lengths)))
+    share = jnp.ones(lengths.shape, dtype) if weights is None else jnp.asarray(weights, dtype)
+    share = share / jnp.sum(share)
+    initial = jnp.exp(model.initial_log_probs())
+    transition = jnp.exp(model.transition_log_probs())
+    _, marginals = jax.lax.scan(lambda p, _: (p @ transition, p), initial, None, length=num_steps)
+    # before[L] = sum_{t < L} p_t, for L = 0 .. num_steps.
+    before = jnp.concatenate([jnp.zeros((1, initial.shape[0]), dtype), jnp.cumsum(marginals, 0)])
+    m = jnp.asarray(num_data, dtype)
+    occupancy = m * (share @ before[lengths])
+    leaving = m * (share @ before[jnp.maximum(lengths - 1, 0)])
+    stats = {"initial": m * initial, "transitions": leaving[:, None] * transition}
+    return stats, occupancy
+
+
 def maximize_chain(model: HMM, stats: dict, prior: Any) -> tuple[Array, Array]:
     r"""The chain's M-step: $\pi_k \propto n_k + \alpha_k - 1$, $A_{ij} \propto \bar\xi_{ij}
     + \beta_{ij} - 1$ (no prior: $\alpha = \beta = 1$), as logits; a row with no
