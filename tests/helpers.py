@@ -46,6 +46,22 @@ class PoissonMixture(ej.Model):
         return log_w + x * log_rate - jnp.exp(log_rate) - jax.scipy.special.gammaln(x + 1)
 
 
+def sample_poisson_mixture(model, key, n, max_count=80):
+    """``n`` draws ``(x, z)`` from a ``PoissonMixture``: counts by a categorical over 0 ..
+    ``max_count`` with the Poisson probabilities (the tail beyond is negligible for the rates
+    used here). (``jax.random.poisson``'s rejection loop, compiled inside the online solver,
+    crashed XLA's CPU compiler in a long-lived test worker.)"""
+    k1, k2 = jax.random.split(key)
+    z = jax.random.categorical(k1, model.mix_logits, shape=(n,))
+    support = jnp.arange(max_count + 1, dtype=model.log_rates.dtype)
+    log_pmf = (
+        support[None, :] * model.log_rates[:, None]
+        - jnp.exp(model.log_rates)[:, None]
+        - jax.scipy.special.gammaln(support + 1)[None, :]
+    )
+    return jax.random.categorical(k2, log_pmf[z]).astype(model.log_rates.dtype), z
+
+
 class LinearGaussian(ej.Model):
     """x = w z + b + noise in R^2, z ~ N(0, 1) in R^1, noise ~ N(0, sigma^2 I)."""
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import PoissonMixture, poisson_data, poisson_mixture
+from helpers import PoissonMixture, poisson_data, poisson_mixture, sample_poisson_mixture
 
 import elbo_jax as ej
 from elbo_jax.models import (
@@ -27,7 +27,8 @@ def _max_diff(a, b):
 
 
 def _shards(x):
-    return [x[:130], x[130:310], x[310:]]
+    # Unequal sizes that pad to one bucket (144 rows): one compiled fit serves them all.
+    return [x[:130], x[130:260], x[260:]]
 
 
 def _gaussian(covariance_type):
@@ -62,10 +63,8 @@ def test_combined_shard_models_equal_the_batch_m_step(case):
     models = [ej.fit(start, shard, max_iters=1, tol=0).model for shard in shards]
     combined = ej.combine(models, weights=[len(s) for s in shards])
     assert _max_diff(combined, batch) < 1e-12
-    # Equal shards need no weights; one model combined is itself.
-    halves = [x[:200], x[200:]]
-    equal = ej.combine([ej.fit(start, h, max_iters=1, tol=0).model for h in halves])
-    assert _max_diff(equal, batch) < 1e-12
+    # Unweighted, they are not the batch M-step; one model combined is itself.
+    assert _max_diff(ej.combine(models), batch) > 1e-6
     assert _max_diff(ej.combine([batch]), batch) < 1e-12
 
 
@@ -103,9 +102,7 @@ class SampledPoisson(PoissonMixture):
     """The user's Poisson mixture (no closed form), with a sampler."""
 
     def sample(self, key, n):
-        k1, k2 = jax.random.split(key)
-        z = jax.random.categorical(k1, self.mix_logits, shape=(n,))
-        return jax.random.poisson(k2, jnp.exp(self.log_rates)[z]).astype(jnp.float64), z
+        return sample_poisson_mixture(self, key, n)
 
 
 def test_combine_without_statistics_uses_samples():

@@ -16,7 +16,7 @@ import optax
 import pytest
 import scipy.optimize
 import scipy.special
-from helpers import PoissonMixture, poisson_data, poisson_mixture
+from helpers import PoissonMixture, poisson_data, poisson_mixture, sample_poisson_mixture
 
 import elbo_jax as ej
 from elbo_jax.models import GaussianHMM, GaussianMixture, GaussianMixturePrior
@@ -244,9 +244,7 @@ def test_inertia_without_statistics_uses_samples_of_the_model():
 
     class SampledPoisson(PoissonMixture):
         def sample(self, key, n):
-            k1, k2 = jax.random.split(key)
-            z = jax.random.categorical(k1, self.mix_logits, shape=(n,))
-            return jax.random.poisson(k2, jnp.exp(self.log_rates)[z]).astype(jnp.float64), z
+            return sample_poisson_mixture(self, key, n)
 
     counts = poisson_data(n=150)
     base = poisson_mixture([0.0, 0.1, -0.1], [0.5, 1.5, 2.5])
