@@ -757,9 +757,13 @@ def _online_solver(
     if isinstance(m_step, InertiaMStep) and closed_form:
         closed_form = type(model).complete_data_statistics is not Model.complete_data_statistics
     if isinstance(m_step, InertiaMStep) and not closed_form:
-        if isinstance(model.latent, (Chain, GaussianChain)) or not callable(
-            getattr(model, "sample", None)
-        ):
+        if isinstance(model.latent, (Chain, GaussianChain)):
+            raise TypeError(
+                f"{name} needs the model's complete-data statistics (complete_data_statistics) "
+                f"for a sequence model; {type(model).__name__} has none. Use "
+                "ej.StepwiseMStep() or ej.GradientMStep(...)"
+            )
+        if not callable(getattr(model, "sample", None)):
             raise TypeError(
                 f"{name} needs the model's complete-data statistics "
                 "(complete_data_statistics) or, for the finite-sample approximation, "
