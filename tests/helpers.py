@@ -49,8 +49,8 @@ class PoissonMixture(ej.Model):
 def sample_poisson_mixture(model, key, n, max_count=80):
     """``n`` draws ``(x, z)`` from a ``PoissonMixture``: counts by a categorical over 0 ..
     ``max_count`` with the Poisson probabilities (the tail beyond is negligible for the rates
-    used here). (``jax.random.poisson``'s rejection loop, compiled inside the online solver,
-    crashed XLA's CPU compiler in a long-lived test worker.)"""
+    used here), which compiles to a smaller program than ``jax.random.poisson``'s rejection
+    loop."""
     k1, k2 = jax.random.split(key)
     z = jax.random.categorical(k1, model.mix_logits, shape=(n,))
     support = jnp.arange(max_count + 1, dtype=model.log_rates.dtype)
