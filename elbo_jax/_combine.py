@@ -22,7 +22,7 @@ import numpy as np
 
 from ._custom_types import Key
 from ._latent import Chain
-from ._model import Model, float_dtype
+from ._model import Model, float_dtype, has_complete_data_statistics
 from ._statistics import merge_statistics
 from ._steps import _split_params, minimize_lbfgs
 from ._validate import check_model
@@ -67,10 +67,7 @@ def combine(
     dtype = float_dtype(models[0])
     alphas = _check_weights(weights, len(models), dtype)
     first = models[0]
-    has_statistics = type(
-        first
-    ).complete_data_statistics is not Model.complete_data_statistics and first.has_closed_form(None)
-    if has_statistics:
+    if has_complete_data_statistics(first) and first.has_closed_form(None):
         if isinstance(first.latent, Chain):
             if lengths is None:
                 raise ValueError(

@@ -18,7 +18,7 @@ from . import _data
 from ._autostats import affine_split
 from ._custom_types import Array, Data, Key
 from ._latent import Chain, Discrete, GaussianChain
-from ._model import Model, float_dtype
+from ._model import Model, float_dtype, has_complete_data_statistics
 from ._objective import Prior
 from ._q import AbstractQ, ExactPosterior, num_data
 from ._solvers import HISTORY_SIZE, CoordinateDescent, LoopState, StatisticsEM, Status, run, solve
@@ -754,8 +754,9 @@ def _online_solver(
                 "M-step for this prior and elbo_jax found no statistics in its log_joint; use "
                 "ej.InertiaMStep() or ej.GradientMStep(...) with batch_size="
             )
-    if isinstance(m_step, InertiaMStep) and closed_form:
-        closed_form = type(model).complete_data_statistics is not Model.complete_data_statistics
+    has_own = has_complete_data_statistics(model)
+    if isinstance(m_step, InertiaMStep):
+        closed_form = closed_form and has_own
     if isinstance(m_step, InertiaMStep) and not closed_form:
         if isinstance(model.latent, (Chain, GaussianChain)):
             raise TypeError(
@@ -770,7 +771,6 @@ def _online_solver(
                 f"model.sample(key, n) -> (x, z); {type(model).__name__} has neither. "
                 "Use ej.StepwiseMStep() or ej.GradientMStep(...)"
             )
-    has_own = type(model).complete_data_statistics is not Model.complete_data_statistics
     seeded = isinstance(m_step, StepwiseMStep) and closed_form and has_own
     solver = OnlineEM(
         m_step, prior, closed_form=closed_form, split=split, batch_size=batch_size, seeded=seeded

@@ -202,6 +202,11 @@ class Model(eqx.Module):
         del x
 
 
+def has_complete_data_statistics(model: Model) -> bool:
+    """Whether the model's class gives its own ``complete_data_statistics``."""
+    return type(model).complete_data_statistics is not Model.complete_data_statistics
+
+
 def float_dtype(model: Model) -> Any:
     """The floating dtype of a model's parameters (the default float dtype if it has none)."""
     leaves = [leaf for leaf in jax.tree_util.tree_leaves(model) if eqx.is_inexact_array(leaf)]

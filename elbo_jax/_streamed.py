@@ -136,10 +136,7 @@ class StreamFit:
         return loop, history
 
     def final_model(self, loop: LoopState) -> Any:
-        state = loop.solver_state
-        if isinstance(self.solver, OnlineEM):
-            return _final_model(self.solver, state, self._n())
-        return state.model
+        return _final_model(self.solver, loop.solver_state, self._n())
 
 
 def fit_stream(

@@ -39,7 +39,7 @@ from .._data import Dataset, weighted_sum
 from .._latent import Chain, Discrete
 from .._model import Model, float_dtype, is_finite_tree
 from .._objective import _free_energy, free_energy_from_sum
-from .._q import ExactPosterior, normalize_table
+from .._q import normalize_table
 from .._statistics import merge_statistics, scale_statistics
 from .._steps import (
     ExactMStep,
@@ -222,6 +222,13 @@ def log_likelihood_sum(model: Model, data: Dataset) -> Array:
     return data.sum(chunk)
 
 
+def _posterior_and_total(model: Model, batch: Dataset) -> tuple[Array, Any]:
+    r"""$\sum_n w_n \log p(x_n \mid \theta)$ and the exact posterior of a minibatch's rows,
+    from one inference pass (a minibatch of the gradient and sampled updates is one chunk)."""
+    log_marginal, q = model.exact_posterior(batch.x)
+    return weighted_sum(log_marginal, batch.weights), q
+
+
 class OnlineEM(AbstractSolver):
     """Online EM over minibatches of in-memory data or of a stream (see the module docstring).
 
@@ -304,8 +311,7 @@ class OnlineEM(AbstractSolver):
         model, stats, m_state = state.model, state.stats, state.m_state
         averaged, num_averaged = state.averaged, state.num_averaged
         if isinstance(rule, GradientMStep):
-            total = log_likelihood_sum(model, batch)
-            q = ExactPosterior().initialize(model, batch.x)
+            total, q = _posterior_and_total(model, batch)
             model, m_state = rule.step(model, q, m_state, batch, key=step_key, prior=self.prior)
         elif isinstance(rule, StepwiseMStep):
             batch_stats, total = self._statistics(model, batch)
@@ -341,8 +347,8 @@ class OnlineEM(AbstractSolver):
             return total, maximize_closed_form(
                 model, merge_statistics(batch_stats, own), self.prior, None
             )
-        total = log_likelihood_sum(model, batch)
-        q = jax.lax.stop_gradient(ExactPosterior().initialize(model, batch.x))
+        total, q = _posterior_and_total(model, batch)
+        q = jax.lax.stop_gradient(q)
         samples = jax.lax.stop_gradient(model.sample(key, self.m_step.num_samples))
         params, static = _split_params(model)
 
@@ -389,11 +395,10 @@ class OnlineEM(AbstractSolver):
             return state, free_energy_from_sum(total, state.model, self.prior, data.num_data)
 
         def one_pass(state):
-            carry = self.start(state)
-            for batch_fn, num_batches in self._batches(state, data):
-                carry = jax.lax.fori_loop(
-                    0, num_batches, lambda i, c, f=batch_fn: self.update(c, f(i)), carry
-                )
+            batch_fn, num_batches = self._batches(state, data)
+            carry = jax.lax.fori_loop(
+                0, num_batches, lambda i, c: self.update(c, batch_fn(i)), self.start(state)
+            )
             return self.finish(carry, data.num_data)
 
         return jax.lax.cond(started, one_pass, evaluate, state)
@@ -406,7 +411,7 @@ class OnlineEM(AbstractSolver):
         rows = data.num_rows
         size = self.batch_size
         if size is None or size >= rows:
-            return [(lambda i: data, 1)]
+            return (lambda i: data), 1
         real = jnp.sum(data.weights > 0, dtype=jnp.int32)
         key = jr.fold_in(jr.fold_in(state.key, 0x5EED), state.passes)
         draw = jr.uniform(key, (rows,))
@@ -424,7 +429,7 @@ class OnlineEM(AbstractSolver):
             weights = jnp.where(keep, data.weights[index], 0)
             return Dataset(x, weights, data.num_data, chunk_size=size)
 
-        return [(batch_fn, num_batches)]
+        return batch_fn, num_batches
 
     def result(self, state, data):
         model = self.final_model(state, data.num_data)

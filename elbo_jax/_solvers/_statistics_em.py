@@ -151,7 +151,6 @@ class _PassCarry(eqx.Module):
     model: Model
     stats: Any
     total: Array  # sum of w_n log p(x_n | theta) so far
-    weight: Array  # data read so far
 
 
 class StatisticsEM(AbstractSolver):
@@ -215,49 +214,49 @@ class StatisticsEM(AbstractSolver):
             m_step=self.m_step,
         )
 
-    def step(self, state, data, started):
-        model = jax.lax.cond(
-            started,
-            lambda m, s: self._maximize(m, s, data.num_data),
-            lambda m, _: m,
-            state.model,
-            state.stats,
-        )
-        stats, objective = self._pass(model, data, state.features)
-        return StatisticsState(model, stats, state.features), objective
-
-    # ------------------------------------------------ a pass over a stream, batch by batch
-    def start(self, state: StatisticsState, started: Array, num_data: Array) -> "_PassCarry":
-        """Begin a pass: the M-step from the last pass's statistics (none before the start's
-        pass), and empty statistics to merge the batches' into."""
-        model = jax.lax.cond(
+    def _next_model(self, state: StatisticsState, started: Array, num_data: Array) -> Model:
+        """The M-step from the last pass's statistics (none before the start's pass)."""
+        return jax.lax.cond(
             started,
             lambda m, s: self._maximize(m, s, num_data),
             lambda m, _: m,
             state.model,
             state.stats,
         )
+
+    def step(self, state, data, started):
+        model = self._next_model(state, started, data.num_data)
+        stats, objective = self._pass(model, data, state.features)
+        return StatisticsState(model, stats, state.features), objective
+
+    # ------------------------------------------------ a pass over a stream, batch by batch
+    def start(self, state: StatisticsState, started: Array, num_data: Array) -> "_PassCarry":
+        """Begin a pass: the M-step (``_next_model``), and empty statistics to merge the
+        batches' into."""
+        model = self._next_model(state, started, num_data)
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.stats)
-        zero = jnp.zeros((), float_dtype(model))
-        return _PassCarry(model, zeros, zero, zero)
+        return _PassCarry(model, zeros, jnp.zeros((), float_dtype(model)))
 
     def update(self, carry: "_PassCarry", batch: Dataset) -> "_PassCarry":
         """Merge one batch's statistics into the pass's."""
         stats, total = statistics_pass(
             carry.model, batch, split=self.split, closed_form=self.closed_form
         )
-        visited = jnp.sum(batch.weights).astype(carry.weight.dtype)
         return _PassCarry(
             carry.model,
             merge_statistics(carry.stats, stats),
             carry.total + total.astype(carry.total.dtype),
-            carry.weight + visited,
         )
 
     def finish(self, carry: "_PassCarry", num_data: Array) -> tuple[StatisticsState, Array]:
         """The state after the pass, and F at its model."""
         objective = free_energy_from_sum(carry.total, carry.model, self.prior, num_data)
         return StatisticsState(carry.model, carry.stats, None), objective
+
+    def final_model(self, state: StatisticsState, num_data: Array) -> Model:
+        """The fitted model (the last M-step's)."""
+        del num_data
+        return state.model
 
     def result(self, state, data):
         q = posterior_of_data(state.model, data, split=self.split, features=state.features)
