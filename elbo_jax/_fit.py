@@ -17,7 +17,7 @@ import numpy as np
 from . import _data
 from ._autostats import affine_split
 from ._custom_types import Array, Data, Key
-from ._latent import Chain, Discrete, GaussianChain
+from ._latent import Chain, Discrete, GaussianChain, Real
 from ._model import Model, float_dtype, has_complete_data_statistics
 from ._objective import Prior
 from ._q import AbstractQ, ExactPosterior, num_data
@@ -389,7 +389,9 @@ def fit(
       Or an ``ej.Stream`` (or a generator of batches, a one-shot stream): then each
       iteration reads it once, ``restarts`` and ``sharding`` do not apply, and the result's
       ``q`` is ``ExactPosterior()``.
-    - `q`: recognition family (default ``ej.ExactPosterior()``).
+    - `q`: recognition family. Default: the model's ``default_q()`` for data in memory
+      (``ej.ExactPosterior()``, except for models such as LDA whose posterior is out of
+      reach), ``ej.ExactPosterior()`` for online and stream fits.
     - `e_step`: ``"exact"`` or a ``GradientEStep``.
     - `m_step`: ``"exact"``, a ``GradientMStep``, or an online M-step (``StepwiseMStep``,
       ``InertiaMStep``; these need the exact E-step).
@@ -445,6 +447,7 @@ def fit(
         raise TypeError(
             f"prior must be a callable prior(model) -> log p(theta), or None; got {prior!r}"
         )
+    q_default = q is None
     q = ExactPosterior() if q is None else q
     if not isinstance(q, AbstractQ):
         raise TypeError(
@@ -468,8 +471,6 @@ def fit(
         x = prepare_data(first, x)
     check_log_joint(first, x)
     n = num_data(x)
-    q.check(first.latent, n)
-    e_step = _resolve_e_step(e_step, q)
     m_step = _resolve_m_step(m_step)
     if batch_size is not None:
         batch_size = _check_count("batch_size", batch_size)
@@ -483,6 +484,10 @@ def fit(
         or batch_size is not None
         or (stream is not None and not isinstance(m_step, ExactMStep))
     )
+    if q_default and stream is None and not online:
+        q = first.default_q()
+    q.check(first.latent, n)
+    e_step = _resolve_e_step(e_step, q)
     if key is None:
         if q.needs_key:
             raise ValueError(
@@ -815,7 +820,7 @@ def _is_exact_em(model: Model, q: AbstractQ, e_step: Any, m_step: Any) -> bool:
         and isinstance(e_step, ExactEStep)
         and isinstance(m_step, ExactMStep)
         and m_step.use_closed_form
-        and isinstance(model.latent, (Discrete, Chain, GaussianChain))
+        and not isinstance(model.latent, Real)
     )
 
 

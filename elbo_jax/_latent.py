@@ -25,7 +25,19 @@ def _to_shape(value: Any) -> tuple:
 
 
 class AbstractLatent(eqx.Module):
-    """The space a model's latent variable z lives in (for one datum)."""
+    """The space a model's latent variable z lives in (for one datum).
+
+    Besides the built-in spaces, a model may define its own (LDA's per-document topic
+    proportions and word topics); it then brings its own recognition family (``default_q``)
+    and exact-posterior hooks, since elbo_jax knows no generic inference for it.
+    """
+
+    def value_struct(self, datum: Any, dtype: Any) -> Any:
+        """The shapes and dtypes (``jax.ShapeDtypeStruct`` leaves) of one latent value for the
+        datum of the given shapes, with which ``fit`` checks that ``log_joint`` returns a
+        scalar; ``None`` (the default for a model's own space): not checked."""
+        del datum, dtype
+        return None
 
 
 class _AbstractStates(AbstractLatent):

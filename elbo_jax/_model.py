@@ -151,6 +151,25 @@ class Model(eqx.Module):
         del stats
         return jnp.zeros((), float_dtype(self))
 
+    def global_elbo(self) -> Scalar:
+        r"""The part of the ELBO that belongs to the whole data set rather than to one datum:
+        $E_{q(\beta)}[\log p(\beta)] + H[q(\beta)] = -\mathrm{KL}(q(\beta) \,\|\, p(\beta))$ for
+        parameters $\beta$ that the model holds as a variational distribution (LDA's topics,
+        $q(\beta_k) = \mathrm{Dir}(\lambda_k)$). F counts it once, like the prior:
+        $F = -\frac1N\big(\sum_n w_n\,\text{elbo}_n + \text{global\_elbo} + \log p(\theta)\big)$.
+        Default 0: the parameters are point estimates."""
+        return jnp.zeros((), float_dtype(self))
+
+    def default_q(self) -> "AbstractQ":
+        """The recognition family ``fit`` uses for data in memory when no ``q`` is given:
+        ``ej.ExactPosterior()`` by default. A model whose posterior is out of reach gives
+        its own (LDA: its mean-field family, warm-started from one iteration to the next).
+        Online and stream fits always use ``ExactPosterior()``: the model's
+        ``exact_posterior`` hook for each batch."""
+        from ._q import ExactPosterior
+
+        return ExactPosterior()
+
     def honours_frozen(self, frozen: Any) -> bool:
         """Whether ``maximize(stats, prior, frozen=frozen)`` gives the exact M-step with the
         parameters flagged ``True`` in ``frozen`` (a pytree like the model) held fixed.
@@ -200,6 +219,11 @@ class Model(eqx.Module):
     def check_data(self, x: Data) -> None:
         """Raise a ``ValueError`` naming ``x`` if the data do not fit this model."""
         del x
+
+
+def has_global_elbo(model: Model) -> bool:
+    """Whether the model's class gives its own ``global_elbo`` (else F has no such term)."""
+    return type(model).global_elbo is not Model.global_elbo
 
 
 def has_complete_data_statistics(model: Model) -> bool:

@@ -4,6 +4,8 @@ $$F(q, \theta) = -\frac1N \sum_n w_n\,\big(E_{q_n}[\log p(x_n, z \mid \theta)] +
   \;-\; \frac1N \log p(\theta)$$
 
 with $N$ the size of the whole data set and $w_n$ the data's weights (1, or 0 for padding).
+A model that holds some parameters as a variational distribution (LDA's topics) adds its
+``global_elbo`` $= -\mathrm{KL}(q(\beta) \,\|\, p(\beta))$ where the prior enters.
 ``elbo_terms`` gives the bracket for each datum and ``free_energy_from_sum`` the rest;
 every path that reports or lowers F — ``free_energy``, the E- and M-steps, the statistics
 passes of exact EM (where the bracket is $\log p(x_n \mid \theta)$) — goes through these two,
@@ -21,7 +23,7 @@ import numpy as np
 
 from ._custom_types import Data, Key, LogTable, PerDatum, Scalar
 from ._data import Dataset, weighted_sum
-from ._model import Model, float_dtype
+from ._model import Model, float_dtype, has_global_elbo
 from ._q import AbstractQ, num_data
 
 Prior = Callable[[Model], Scalar] | None
@@ -41,7 +43,10 @@ def elbo_terms(
 
 
 def free_energy_from_sum(total: Scalar, model: Model, prior: Prior, n: Any) -> Scalar:
-    r"""$F = -\text{total}/N - \log p(\theta)/N$, from $\text{total} = \sum_n w_n\,\text{elbo}_n$."""
+    r"""$F = -(\text{total} + \text{global\_elbo} + \log p(\theta))/N$, from
+    $\text{total} = \sum_n w_n\,\text{elbo}_n$ (``Model.global_elbo``: 0 for most models)."""
+    if has_global_elbo(model):
+        total = total + jnp.asarray(model.global_elbo(), total.dtype)
     value = -total / jnp.asarray(n, total.dtype)
     if prior is None:
         return value

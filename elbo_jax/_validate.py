@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._latent import Chain, Discrete, GaussianChain, Real, is_sequence_latent
+from ._latent import AbstractLatent, Chain, Discrete, GaussianChain, Real, is_sequence_latent
 from ._model import Model, float_dtype
 
 
@@ -221,10 +221,14 @@ def _check_log_joint(model: Model, x: Any) -> None:
         z = jax.ShapeDtypeStruct((x.num_frames,), latent.dtype)  # one path per sequence
     elif isinstance(latent, GaussianChain):
         z = jax.ShapeDtypeStruct((x.num_frames, latent.state_dim), float_dtype(model))
+    elif isinstance(latent, AbstractLatent):
+        z = latent.value_struct(datum_shapes(x), float_dtype(model))
+        if z is None:  # a model-specific latent space that gives no shape to check with
+            return
     else:
         raise TypeError(
-            f"{type(model).__name__}.latent must be ej.Discrete, ej.Real, ej.Chain or "
-            f"ej.GaussianChain, got {latent!r}"
+            f"{type(model).__name__}.latent must be ej.Discrete, ej.Real, ej.Chain, "
+            f"ej.GaussianChain or another ej.AbstractLatent, got {latent!r}"
         )
     name = type(model).__name__
     x0 = datum_shapes(x)
@@ -238,7 +242,7 @@ def _check_log_joint(model: Model, x: Any) -> None:
         raise ValueError(
             f"{name}.log_joint failed on one datum of x: x has shape {shapes}, so one datum "
             f"has shape {datum} (the leading axis of x indexes the data), with z of shape "
-            f"{z.shape}. Check that x has the shape {name} expects. "
+            f"{jax.tree_util.tree_map(lambda v: v.shape, z)}. Check that x has the shape {name} expects. "
             f"The error was {type(error).__name__}: {error}"
         ) from error
     shape = getattr(out, "shape", None)
