@@ -4,6 +4,7 @@ on one free energy."""
 import importlib.metadata
 
 from . import models as models
+from ._amortized import Amortized as Amortized
 from ._chain import ChainPosterior as ChainPosterior
 from ._combine import combine as combine
 from ._fit import FitResult as FitResult

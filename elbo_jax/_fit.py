@@ -15,6 +15,7 @@ import jax.random as jr
 import numpy as np
 
 from . import _data
+from ._amortized import Amortized
 from ._autostats import affine_split
 from ._custom_types import Array, Data, Key
 from ._latent import Chain, Discrete, GaussianChain, Real
@@ -23,6 +24,7 @@ from ._objective import Prior
 from ._q import AbstractQ, ExactPosterior, num_data
 from ._solvers import HISTORY_SIZE, CoordinateDescent, LoopState, StatisticsEM, Status, run, solve
 from ._solvers._base import AbstractSolver
+from ._solvers._joint_gradient import JointGradient, joint_parameters
 from ._solvers._online import InertiaMStep, OnlineEM, StepwiseMStep
 from ._steps import (
     AbstractEStep,
@@ -30,6 +32,7 @@ from ._steps import (
     ExactEStep,
     ExactMStep,
     GradientEStep,
+    GradientMStep,
     _OptaxStep,
     _split_params,
     uses_closed_form,
@@ -205,7 +208,7 @@ def _mesh_of(x: Data, sharding: Any) -> tuple[Any, str | None]:
 
 
 def _pad_q(q: AbstractQ, rows: int) -> AbstractQ:
-    arrays, static = eqx.partition(q, eqx.is_array)
+    arrays, static = q.split_rows()
     return eqx.combine(_data.pad_rows(arrays, rows), static)
 
 
@@ -220,6 +223,11 @@ def _trim_rows(tree: Any, n: int, mesh: Any = None) -> Any:
     if all(a.shape[0] == n for a in jax.tree_util.tree_leaves(tree) if eqx.is_array(a) and a.ndim):
         return tree
     return _first_rows(tree, n)
+
+
+def _trim_q(q: AbstractQ, n: int, mesh: Any) -> AbstractQ:
+    rows, rest = q.split_rows()
+    return eqx.combine(_trim_rows(rows, n, mesh), rest)
 
 
 @eqx.filter_jit
@@ -479,13 +487,16 @@ def fit(
             raise ValueError(
                 "minibatches are drawn in a random order each pass: pass key=jax.random.key(...)"
             )
-    online = (
+    if q_default and stream is None:
+        q = first.default_q()
+    amortized = isinstance(q, Amortized)
+    online = not amortized and (
         isinstance(m_step, (StepwiseMStep, InertiaMStep))
         or batch_size is not None
         or (stream is not None and not isinstance(m_step, ExactMStep))
     )
-    if q_default and stream is None and not online:
-        q = first.default_q()
+    if q_default and online:
+        q = ExactPosterior()
     q.check(first.latent, n)
     e_step = _resolve_e_step(e_step, q)
     if key is None:
@@ -511,7 +522,9 @@ def fit(
             )
         m_step = dataclasses.replace(m_step, trainable=_trainable(first, frozen))
     dtype = float_dtype(first)
-    if online:
+    if amortized:
+        solver, chunk_size = _amortized_solver(first, x, q, e_step, m_step, prior, batch_size)
+    elif online:
         solver, chunk_size = _online_solver(first, x, q, e_step, m_step, prior, batch_size)
     else:
         solver, chunk_size = _choose_solver(first, x, q, e_step, m_step, prior)
@@ -543,7 +556,10 @@ def fit(
         q_shape = eqx.filter_eval_shape(q.initialize, first, data.x, key=_unused_key())
         params, _ = eqx.partition(q_shape, _is_inexact_struct)
         solver = eqx.tree_at(lambda s: s.e_step, solver, e_step.hashable(params))
-    if isinstance(m_step, _OptaxStep):
+    if amortized:
+        params, _ = joint_parameters(m_step, first, q)
+        solver = eqx.tree_at(lambda s: s.m_step, solver, m_step.hashable(params))
+    elif isinstance(m_step, _OptaxStep):
         params, _ = _split_params(first, getattr(m_step, "trainable", None))
         solver = eqx.tree_at(lambda s: s.m_step, solver, m_step.hashable(params))
     if prior is not None:
@@ -613,7 +629,7 @@ def fit(
         )
     return FitResult(
         model=fitted,
-        q=result_q if stream is not None else _trim_rows(result_q, n, mesh),
+        q=result_q if stream is not None else _trim_q(result_q, n, mesh),
         history=jnp.asarray(np.concatenate(history) if history else np.zeros((0,), dtype)),
         initial_elbo=jnp.asarray(-np.asarray(loop.initial_objective)),  # no compiled negation
         num_iters=num_iters,
@@ -730,6 +746,24 @@ def _compiled_prior(prior: Callable, model: Model) -> Callable:
         return Traced(prior, model)
     except Exception:  # noqa: BLE001 - any failure: keep the function, still correct
         return prior
+
+
+def _amortized_solver(
+    model: Model, x: Data, q: Amortized, e_step: Any, m_step: Any, prior: Prior, batch_size: Any
+) -> tuple[JointGradient, int]:
+    """The joint gradient solver for an amortized q, checked against the steps and the encoder."""
+    if not isinstance(e_step, ExactEStep):
+        raise TypeError(
+            "q=ej.Amortized(...) is trained jointly with the model by the m_step's optimizer; "
+            "leave e_step at its default"
+        )
+    if not isinstance(m_step, GradientMStep):
+        raise TypeError(
+            "q=ej.Amortized(...) is trained jointly with the model by gradient steps: pass "
+            f"m_step=ej.GradientMStep(optax.adam(1e-3)), got {m_step!r}"
+        )
+    q.check_encoder(model, x)
+    return JointGradient(m_step, prior, batch_size=batch_size), 0
 
 
 def _online_solver(

@@ -32,14 +32,13 @@ Prior = Callable[[Model], Scalar] | None
 def elbo_terms(
     model: Model, q: AbstractQ, x: Data, *, key: Key | None = None, table: LogTable | None = None
 ) -> PerDatum:
-    r"""$E_{q_n}[\log p(x_n, z \mid \theta)] + H[q_n]$ for every datum, shape ``(N,)``.
+    r"""$E_{q_n}[\log p(x_n, z \mid \theta)] + H[q_n]$ for every datum, shape ``(N,)``
+    (``AbstractQ.elbo_terms``: an importance-weighted q gives its tighter bound instead).
 
     At the exact posterior this is $\log p(x_n \mid \theta)$. ``table``: the log-joint table
     of ``x`` already computed (``Discrete`` latents).
     """
-    q = q.resolve(model, x)
-    expected = q.expected_log_joint(model, x, key=key, table=table)
-    return expected + q.entropy().astype(expected.dtype)
+    return q.resolve(model, x).elbo_terms(model, x, key=key, table=table)
 
 
 def free_energy_from_sum(total: Scalar, model: Model, prior: Prior, n: Any) -> Scalar:
@@ -55,7 +54,7 @@ def free_energy_from_sum(total: Scalar, model: Model, prior: Prior, n: Any) -> S
 
 def _per_datum(q: AbstractQ) -> tuple[Any, Any]:
     """q's per-datum arrays (sliced with the data) and the rest."""
-    return eqx.partition(q, eqx.is_array)
+    return q.split_rows()
 
 
 def _chunk_key(key: Key | None, data: Dataset) -> Key | None:

@@ -75,6 +75,20 @@ class AbstractQ(eqx.Module):
         """Whether expectations under this q are Monte Carlo (and so need a key)."""
         return False
 
+    def elbo_terms(
+        self, model: Model, x: Data, *, key: Key | None = None, table: LogTable | None = None
+    ) -> PerDatum:
+        r"""The bracket of F for every datum of a realised q, shape ``(N,)``: by default
+        $E_{q_n}[\log p(x_n, z \mid \theta)] + H[q_n]$."""
+        expected = self.expected_log_joint(model, x, key=key, table=table)
+        return expected + self.entropy().astype(expected.dtype)
+
+    def split_rows(self) -> tuple[Any, Any]:
+        """``(rows, rest)``: the per-datum arrays (one row per datum, sliced, padded and
+        sharded with the data) and everything else (``eqx.combine`` joins them). By default
+        every array is per datum; an amortized q has none."""
+        return eqx.partition(self, eqx.is_array)
+
 
 class ExactPosterior(AbstractQ):
     r"""$q_n = p(z \mid x_n, \theta)$, recomputed from the model at every use.
@@ -310,6 +324,11 @@ class Gaussian(AbstractQ):
     linear-Gaussian model (PPCA, factor analysis, Kalman) $F$ is exact. For other models
     it is an approximation; ``expectation="monte_carlo"`` uses ``num_samples``
     reparameterised samples instead (unbiased, needs a ``key``).
+
+    ``importance_weighted=True`` (with ``"monte_carlo"``): the bracket of F for a datum is
+    the importance-weighted bound of Burda et al. (2016) with $k$ = ``num_samples`` draws,
+    $\log \frac1k \sum_{i=1}^k p(x_n, z_i \mid \theta) / q_n(z_i)$, which is at most
+    $\log p(x_n \mid \theta)$ and rises towards it as $k$ grows ($k = 1$: the ELBO).
     """
 
     mean: Array | None = None
@@ -317,8 +336,13 @@ class Gaussian(AbstractQ):
     covariance_type: Literal["full", "diag"] = eqx.field(static=True, default="full")
     expectation: Literal["cubature", "monte_carlo"] = eqx.field(static=True, default="cubature")
     num_samples: int = eqx.field(static=True, default=1, converter=to_python_number)
+    importance_weighted: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
+        if self.importance_weighted and self.expectation != "monte_carlo":
+            raise ValueError(
+                "importance_weighted=True draws samples: it needs expectation='monte_carlo'"
+            )
         if self.covariance_type not in ("full", "diag"):
             raise ValueError(
                 f"covariance_type must be 'full' or 'diag', got {self.covariance_type!r}"
@@ -396,7 +420,16 @@ class Gaussian(AbstractQ):
             num_samples=self.num_samples,
         )
 
-    def _points(self, key: Key | None) -> Array:
+    def _noise(self, key: Key | None) -> Array:
+        """Standard normal draws ``(N, S, d)`` for the Monte Carlo points."""
+        if key is None:
+            raise ValueError(
+                "q=ej.Gaussian(expectation='monte_carlo') needs a random key: pass key=jax.random.key(...)"
+            )
+        n, d = self.mean.shape
+        return jr.normal(key, (n, self.num_samples, d), self.mean.dtype)
+
+    def _points(self, key: Key | None, noise: Array | None = None) -> Array:
         """Evaluation points ``(N, S, d)`` and their equal weights (implicit: the mean over S)."""
         n, d = self.mean.shape
         scale = self.scale_tril
@@ -405,29 +438,41 @@ class Gaussian(AbstractQ):
                 self.mean.dtype
             )
             return self.mean[:, None, :] + jnp.einsum("nij,sj->nsi", scale, unit)
-        if key is None:
-            raise ValueError(
-                "q=ej.Gaussian(expectation='monte_carlo') needs a random key: pass key=jax.random.key(...)"
-            )
-        eps = jr.normal(key, (n, self.num_samples, d), self.mean.dtype)
-        return self.mean[:, None, :] + jnp.einsum("nij,nsj->nsi", scale, eps)
+        noise = self._noise(key) if noise is None else noise
+        if self.covariance_type == "diag":
+            return self.mean[:, None, :] + jnp.exp(self.raw_scale)[:, None, :] * noise
+        return self.mean[:, None, :] + jnp.einsum("nij,nsj->nsi", scale, noise)
+
+    def _log_joint_at(self, model: Model, x: Data, points: Array) -> Array:
+        r"""$\log p(x_n, z)$ at each datum's points, ``(N, S)``."""
+        shape = model.latent.shape
+        per_datum = lambda xn, zs: jax.vmap(lambda z: model.log_joint(xn, z.reshape(shape)))(zs)
+        return jax.vmap(per_datum)(x, points)
 
     def expected_log_joint(self, model, x, *, key=None, table=None):
-        shape = model.latent.shape
-        points = self._points(key)
+        return jnp.mean(self._log_joint_at(model, x, self._points(key)), axis=-1)
 
-        def per_datum(xn, zs):
-            return jnp.mean(jax.vmap(lambda z: model.log_joint(xn, z.reshape(shape)))(zs))
+    def elbo_terms(self, model, x, *, key=None, table=None):
+        if not self.importance_weighted:
+            return super().elbo_terms(model, x, key=key, table=table)
+        noise = self._noise(key)
+        log_p = self._log_joint_at(model, x, self._points(key, noise))
+        # log q(z) at z = mean + L noise: -|noise|^2/2 - log|det L| - d log(2 pi)/2
+        d = self.mean.shape[-1]
+        log_det = self._log_diag().sum(axis=-1)
+        log_q = -0.5 * jnp.sum(noise**2, axis=-1) - log_det[:, None]
+        log_q = log_q - 0.5 * d * math.log(2 * math.pi)
+        log_w = log_p - log_q.astype(log_p.dtype)
+        return jax.nn.logsumexp(log_w, axis=-1) - math.log(self.num_samples)
 
-        return jax.vmap(per_datum)(x, points)
+    def _log_diag(self) -> Array:
+        if self.covariance_type == "diag":
+            return self.raw_scale
+        return jnp.diagonal(self.raw_scale, axis1=-2, axis2=-1)
 
     def entropy(self):
         d = self.mean.shape[-1]
-        if self.covariance_type == "diag":
-            log_diag = self.raw_scale
-        else:
-            log_diag = jnp.diagonal(self.raw_scale, axis1=-2, axis2=-1)
-        return 0.5 * d * (1.0 + math.log(2 * math.pi)) + jnp.sum(log_diag, axis=-1)
+        return 0.5 * d * (1.0 + math.log(2 * math.pi)) + jnp.sum(self._log_diag(), axis=-1)
 
     def check(self, latent, n):
         latent = _check_real(self, latent)

@@ -217,7 +217,7 @@ def _m_loss(static: Any, q: AbstractQ, data: Dataset, prior: Prior) -> Any:
 
 def expected_statistics(model: Model, q: AbstractQ, data: Dataset) -> Stats:
     r"""$\sum_n w_n E_{q_n}[s(x_n, z)]$: the model's statistics, merged over chunks and shards."""
-    q_arrays, q_static = eqx.partition(q, eqx.is_array)
+    q_arrays, q_static = q.split_rows()
 
     def chunk(values, weights):
         x, q_chunk = values

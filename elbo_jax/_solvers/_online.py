@@ -296,15 +296,7 @@ class OnlineEM(AbstractSolver):
         stand for the whole data set."""
         state = carry.state
         dtype = _dtype(state.model)
-        visited = jnp.sum(batch.weights).astype(dtype)
-        scale = jnp.asarray(batch.num_data, dtype) / jnp.maximum(visited, 1)
-        batch = Dataset(
-            batch.x,
-            batch.weights.astype(dtype) * scale,
-            batch.num_data,
-            chunk_size=batch.chunk_size,
-            axis_name=batch.axis_name,
-        )
+        batch, visited, scale = for_whole_data(batch, dtype)
         count = state.count + 1
         key, step_key = jr.split(state.key)
         rule = self.m_step
@@ -395,41 +387,13 @@ class OnlineEM(AbstractSolver):
             return state, free_energy_from_sum(total, state.model, self.prior, data.num_data)
 
         def one_pass(state):
-            batch_fn, num_batches = self._batches(state, data)
+            batch_fn, num_batches = minibatches(data, self.batch_size, state.key, state.passes)
             carry = jax.lax.fori_loop(
                 0, num_batches, lambda i, c: self.update(c, batch_fn(i)), self.start(state)
             )
             return self.finish(carry, data.num_data)
 
         return jax.lax.cond(started, one_pass, evaluate, state)
-
-    def _batches(self, state: OnlineState, data: Dataset):
-        """``(batch_fn, num_batches)`` for this pass: ``batch_fn(i)`` is the ``i``-th
-        minibatch (a ``Dataset`` of ``batch_size`` rows, the unused ones weighted 0), in
-        an order drawn from the key and the pass number. The real rows are split into
-        ``ceil(N / batch_size)`` minibatches whose sizes differ by at most one."""
-        rows = data.num_rows
-        size = self.batch_size
-        if size is None or size >= rows:
-            return (lambda i: data), 1
-        real = jnp.sum(data.weights > 0, dtype=jnp.int32)
-        key = jr.fold_in(jr.fold_in(state.key, 0x5EED), state.passes)
-        draw = jr.uniform(key, (rows,))
-        order = jnp.argsort(jnp.where(data.weights > 0, draw, 2.0))
-        order = jnp.concatenate([order, jnp.zeros((size,), order.dtype)])
-        num_batches = (real + size - 1) // size
-
-        def batch_fn(i):
-            i = jnp.asarray(i, jnp.int32)
-            begin = i * real // num_batches
-            end = (i + 1) * real // num_batches
-            index = jax.lax.dynamic_slice(order, (begin,), (size,))
-            keep = begin + jnp.arange(size, dtype=jnp.int32) < end
-            x = jax.tree_util.tree_map(lambda leaf: leaf[index], data.x)
-            weights = jnp.where(keep, data.weights[index], 0)
-            return Dataset(x, weights, data.num_data, chunk_size=size)
-
-        return batch_fn, num_batches
 
     def result(self, state, data):
         model = self.final_model(state, data.num_data)
@@ -451,3 +415,46 @@ class OnlineEM(AbstractSolver):
 
 def _dtype(model: Model) -> Any:
     return float_dtype(model)
+
+
+def for_whole_data(batch: Dataset, dtype: Any) -> tuple[Dataset, Array, Array]:
+    """A minibatch whose weights are scaled by $N / B_b$ (so that its sums estimate the whole
+    data set's), the number of real rows $B_b$ it holds, and the factor."""
+    visited = jnp.sum(batch.weights).astype(dtype)
+    scale = jnp.asarray(batch.num_data, dtype) / jnp.maximum(visited, 1)
+    scaled = Dataset(
+        batch.x,
+        batch.weights.astype(dtype) * scale,
+        batch.num_data,
+        chunk_size=batch.chunk_size,
+        axis_name=batch.axis_name,
+    )
+    return scaled, visited, scale
+
+
+def minibatches(data: Dataset, size: int | None, key: Key, passes: Array):
+    """``(batch_fn, num_batches)`` for one pass: ``batch_fn(i)`` is the ``i``-th minibatch
+    (a ``Dataset`` of ``size`` rows, the unused ones weighted 0), in an order drawn from
+    ``key`` and the pass number. The real rows are split into ``ceil(N / size)``
+    minibatches whose sizes differ by at most one. ``size=None``: the whole data, once."""
+    rows = data.num_rows
+    if size is None or size >= rows:
+        return (lambda i: data), 1
+    real = jnp.sum(data.weights > 0, dtype=jnp.int32)
+    key = jr.fold_in(jr.fold_in(key, 0x5EED), passes)
+    draw = jr.uniform(key, (rows,))
+    order = jnp.argsort(jnp.where(data.weights > 0, draw, 2.0))
+    order = jnp.concatenate([order, jnp.zeros((size,), order.dtype)])
+    num_batches = (real + size - 1) // size
+
+    def batch_fn(i):
+        i = jnp.asarray(i, jnp.int32)
+        begin = i * real // num_batches
+        end = (i + 1) * real // num_batches
+        index = jax.lax.dynamic_slice(order, (begin,), (size,))
+        keep = begin + jnp.arange(size, dtype=jnp.int32) < end
+        x = jax.tree_util.tree_map(lambda leaf: leaf[index], data.x)
+        weights = jnp.where(keep, data.weights[index], 0)
+        return Dataset(x, weights, data.num_data, chunk_size=size)
+
+    return batch_fn, num_batches

@@ -17,3 +17,6 @@ from ._linear_gaussian import FactorAnalysis as FactorAnalysis
 from ._linear_gaussian import LinearGaussianStatistics as LinearGaussianStatistics
 from ._poisson_mixture import PoissonMixture as PoissonMixture
 from ._poisson_mixture import PoissonMixturePrior as PoissonMixturePrior
+from ._vae import MLP as MLP
+from ._vae import VAE as VAE
+from ._vae import GaussianEncoder as GaussianEncoder
