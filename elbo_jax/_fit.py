@@ -487,7 +487,7 @@ def fit(
             raise ValueError(
                 "minibatches are drawn in a random order each pass: pass key=jax.random.key(...)"
             )
-    if q_default and stream is None:
+    if q_default:
         q = first.default_q()
     amortized = isinstance(q, Amortized)
     online = not amortized and (
@@ -495,8 +495,8 @@ def fit(
         or batch_size is not None
         or (stream is not None and not isinstance(m_step, ExactMStep))
     )
-    if q_default and online:
-        q = ExactPosterior()
+    if q_default and not amortized and (online or stream is not None):
+        q = ExactPosterior()  # each batch's: the model's exact_posterior hook
     q.check(first.latent, n)
     e_step = _resolve_e_step(e_step, q)
     if key is None:
@@ -523,7 +523,9 @@ def fit(
         m_step = dataclasses.replace(m_step, trainable=_trainable(first, frozen))
     dtype = float_dtype(first)
     if amortized:
-        solver, chunk_size = _amortized_solver(first, x, q, e_step, m_step, prior, batch_size)
+        solver, chunk_size = _amortized_solver(
+            first, x, q, e_step, m_step, prior, batch_size, stream is not None
+        )
     elif online:
         solver, chunk_size = _online_solver(first, x, q, e_step, m_step, prior, batch_size)
     else:
@@ -749,7 +751,14 @@ def _compiled_prior(prior: Callable, model: Model) -> Callable:
 
 
 def _amortized_solver(
-    model: Model, x: Data, q: Amortized, e_step: Any, m_step: Any, prior: Prior, batch_size: Any
+    model: Model,
+    x: Data,
+    q: Amortized,
+    e_step: Any,
+    m_step: Any,
+    prior: Prior,
+    batch_size: Any,
+    stream: bool,
 ) -> tuple[JointGradient, int]:
     """The joint gradient solver for an amortized q, checked against the steps and the encoder."""
     if not isinstance(e_step, ExactEStep):
@@ -763,6 +772,11 @@ def _amortized_solver(
             f"m_step=ej.GradientMStep(optax.adam(1e-3)), got {m_step!r}"
         )
     q.check_encoder(model, x)
+    if stream:
+        raise NotImplementedError(
+            "q=ej.Amortized(...) trains on data in memory, in minibatches (batch_size=); "
+            "streams are not supported yet"
+        )
     return JointGradient(m_step, prior, batch_size=batch_size), 0
 
 
