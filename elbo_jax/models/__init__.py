@@ -10,6 +10,9 @@ from ._gaussian_mixture import GaussianMixturePrior as GaussianMixturePrior
 from ._gaussian_mixture import GaussianMixtureStatistics as GaussianMixtureStatistics
 from ._hmm import HMM as HMM
 from ._hmm import HMMPrior as HMMPrior
+from ._lda import LDA as LDA
+from ._lda_inference import DocumentTerms as DocumentTerms
+from ._lda_inference import LDAPosterior as LDAPosterior
 from ._lgssm import LGSSMPosterior as LGSSMPosterior
 from ._lgssm import LinearGaussianSSM as LinearGaussianSSM
 from ._linear_gaussian import PPCA as PPCA
