@@ -16,6 +16,7 @@ from ._latent import Discrete as Discrete
 from ._latent import GaussianChain as GaussianChain
 from ._latent import Real as Real
 from ._model import Model as Model
+from ._newton_step import NewtonMStep as NewtonMStep
 from ._objective import free_energy as free_energy
 from ._objective import log_evidence as log_evidence
 from ._q import (

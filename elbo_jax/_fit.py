@@ -20,6 +20,7 @@ from ._autostats import affine_split
 from ._custom_types import Array, Data, Key
 from ._latent import Chain, Discrete, GaussianChain, Real
 from ._model import Model, float_dtype, has_complete_data_statistics
+from ._newton_step import NewtonMStep, warn_newton_failures
 from ._objective import Prior
 from ._q import AbstractQ, ExactPosterior, num_data
 from ._solvers import HISTORY_SIZE, CoordinateDescent, LoopState, StatisticsEM, Status, run, solve
@@ -126,11 +127,13 @@ def _resolve_e_step(e_step: Any, q: AbstractQ) -> AbstractEStep:
 _M_STEPS = "'exact', ej.GradientMStep(...), ej.StepwiseMStep(...) or ej.InertiaMStep(...)"
 
 
-def _resolve_m_step(m_step: Any) -> Any:
+def _resolve_m_step(m_step: Any, model: Model) -> Any:
     if isinstance(m_step, str):
         if m_step != "exact":
             raise ValueError(f"m_step must be {_M_STEPS}, got {m_step!r}")
-        return ExactMStep()
+        # A model may solve its exact M-step its own way (DirichletMultinomialMixture: Newton).
+        default = getattr(model, "default_m_step", None)
+        return ExactMStep() if default is None else default()
     if isinstance(m_step, (AbstractMStep, StepwiseMStep, InertiaMStep)):
         return m_step
     raise TypeError(f"m_step must be {_M_STEPS}, got {m_step!r}")
@@ -401,8 +404,10 @@ def fit(
       (``ej.ExactPosterior()``, except for models such as LDA whose posterior is out of
       reach), ``ej.ExactPosterior()`` for online and stream fits.
     - `e_step`: ``"exact"`` or a ``GradientEStep``.
-    - `m_step`: ``"exact"``, a ``GradientMStep``, or an online M-step (``StepwiseMStep``,
-      ``InertiaMStep``; these need the exact E-step).
+    - `m_step`: ``"exact"``, a ``GradientMStep``, ``NewtonMStep``, or an online M-step
+      (``StepwiseMStep``, ``InertiaMStep``; these need the exact E-step). A model may say
+      how ``"exact"`` is solved (``default_m_step()``: ``NewtonMStep`` for the
+      Dirichlet-multinomial mixture).
     - `prior`: ``prior(model) -> log p(θ)``, a scalar; ``None`` for maximum likelihood.
     - `max_iters`: at most this many iterations.
     - `tol`: stop when $|F_t - F_{t-1}| <$ ``tol`` (per datum). ``tol=0`` runs ``max_iters``.
@@ -479,7 +484,7 @@ def fit(
         x = prepare_data(first, x)
     check_log_joint(first, x)
     n = num_data(x)
-    m_step = _resolve_m_step(m_step)
+    m_step = _resolve_m_step(m_step, first)
     if batch_size is not None:
         batch_size = _check_count("batch_size", batch_size)
         batch_size = None if batch_size >= n else batch_size
@@ -493,7 +498,7 @@ def fit(
     online = not amortized and (
         isinstance(m_step, (StepwiseMStep, InertiaMStep))
         or batch_size is not None
-        or (stream is not None and not isinstance(m_step, ExactMStep))
+        or (stream is not None and not isinstance(m_step, (ExactMStep, NewtonMStep)))
     )
     if q_default and not amortized and (online or stream is not None):
         q = ExactPosterior()  # each batch's: the model's exact_posterior hook
@@ -629,6 +634,7 @@ def fit(
             RuntimeWarning,
             stacklevel=2,
         )
+    warn_newton_failures(loop, None if previous is None else previous.state, stacklevel=2)
     return FitResult(
         model=fitted,
         q=result_q if stream is not None else _trim_q(result_q, n, mesh),
@@ -791,7 +797,7 @@ def _online_solver(
             "online fits take the exact posterior of each minibatch: use q=ej.ExactPosterior() "
             "and e_step='exact' with batch_size= or an online m_step"
         )
-    if isinstance(m_step, ExactMStep):
+    if isinstance(m_step, (ExactMStep, NewtonMStep)):
         raise ValueError(
             "batch_size= needs an M-step that learns from one minibatch at a time: "
             "m_step=ej.StepwiseMStep(), ej.InertiaMStep() or ej.GradientMStep(...) (stochastic EM)"

@@ -4,6 +4,7 @@ from ._bernoulli_mixture import BernoulliMixture as BernoulliMixture
 from ._bernoulli_mixture import BernoulliMixturePrior as BernoulliMixturePrior
 from ._count_hmms import CategoricalHMM as CategoricalHMM
 from ._count_hmms import PoissonHMM as PoissonHMM
+from ._dirichlet_multinomial import DirichletMultinomialMixture as DirichletMultinomialMixture
 from ._gaussian_hmm import GaussianHMM as GaussianHMM
 from ._gaussian_mixture import GaussianMixture as GaussianMixture
 from ._gaussian_mixture import GaussianMixturePrior as GaussianMixturePrior
