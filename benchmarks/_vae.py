@@ -448,7 +448,7 @@ def targets(results: dict) -> list[dict]:
         out.append(
             {
                 "target": f"{name}: test ELBO, elbo_jax vs numpyro (relative)",
-                "goal": f"|diff| ≤ {TARGET_REL_ELBO:.0%}",
+                "goal": f"within ±{TARGET_REL_ELBO:.0%}",
                 "value": diff,
                 "met": abs(diff) <= TARGET_REL_ELBO,
                 "fmt": "+.2%",
