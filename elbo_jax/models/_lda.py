@@ -12,7 +12,8 @@ $$F = -\frac1N\Big(\sum_d \big(E_q[\log p(w_d, \theta_d, z_d \mid \alpha, \beta)
   + H[q(z_d)]\big) - \sum_k \mathrm{KL}\big(\mathrm{Dir}(\lambda_k) \,\|\, \mathrm{Dir}(\eta 1_V)\big)\Big),$$
 
 the last sum being ``global_elbo``. Batch VB (``ej.fit(lda, counts)``) alternates the
-per-document coordinate ascent (warm-started) with $\lambda = \eta + \sum_d \sum_s n_{ds}
+per-document coordinate ascent (restarted each iteration, keeping a document's previous
+factors where they are better) with $\lambda = \eta + \sum_d \sum_s n_{ds}
 \phi_{ds}$; online VB is stepwise EM on those statistics (``ej.StepwiseMStep``).
 """
 
@@ -104,9 +105,9 @@ class LDA(Model):
     per-document coordinate ascent's stopping rule (see ``LDAPosterior``) for ``default_q``
     and for ``exact_posterior`` (online fits, ``transform``, ``bound``).
 
-    ``ej.fit(lda, counts)`` is batch VB with ``q = LDAPosterior()`` (warm-started; F never
-    rises); ``ej.fit(lda, counts, q=ej.ExactPosterior())`` runs the same iterations from a
-    fresh local start each time (like scikit-learn); ``m_step=ej.StepwiseMStep(kappa, tau)``
+    ``ej.fit(lda, counts)`` is batch VB with ``q = LDAPosterior()`` (F never rises);
+    ``ej.fit(lda, counts, q=ej.ExactPosterior())`` takes the fresh local fit each time, as
+    scikit-learn does (F may then rise slightly); ``m_step=ej.StepwiseMStep(kappa, tau)``
     with ``batch_size=`` is Hoffman et al.'s online VB ($\rho_t = (t + \tau)^{-\kappa}$).
 
     ```python
