@@ -109,7 +109,7 @@ def minimize_diagonal_plus_rank_one(
     everywhere, the objective and its derivatives are finite there, and the objective does
     not rise (or, within rounding, $8\epsilon(1 + |f|)$, the largest gradient entry falls:
     near the optimum values drown in rounding while the gradient still decreases). If no
-    $t \ge 2^{-40}$ qualifies, the problem stops with its last good ``x``: flagged
+    $t \ge 2^{-40}$ qualifies before $x + t p$ rounds to $x$, the problem stops with its last good ``x``: flagged
     ``converged`` if the Newton step was already below ``tol``, else ``failed``. A problem
     whose objective or derivatives are not finite at ``x0`` (or with ``x0 <= 0``) is
     ``failed`` at once. The objective therefore never rises beyond rounding.
@@ -215,7 +215,10 @@ def minimize_diagonal_plus_rank_one(
             (v, gr, dg, r1), finite = evaluate(jnp.where(inside[..., None], trial, x))
             lower = v <= s.value
             flatter = (v <= s.value + slack) & (jnp.max(jnp.abs(gr), axis=-1) < g_max)
-            good = inside & finite & (lower | flatter)
+            # A step too short to change x in this precision ends the search unfound (a
+            # "step" that leaves x where it is would otherwise count as taken, forever).
+            moved = jnp.any(trial != x, axis=-1)
+            good = inside & moved & finite & (lower | flatter)
             new = jax.tree_util.tree_map(
                 lambda a, b: jnp.where(
                     good.reshape(good.shape + (1,) * (a.ndim - good.ndim)), a, b
@@ -223,7 +226,7 @@ def minimize_diagonal_plus_rank_one(
                 (trial, v, gr, dg, r1),
                 new,
             )
-            searching = searching & ~good
+            searching = searching & ~good & moved
             t = jnp.where(searching, t / 2, t)
             return k + 1, t, searching, found | good, new
 

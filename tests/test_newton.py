@@ -180,3 +180,23 @@ def test_minimize_general_rank_one_batch():
     assert np.all(np.asarray(info.converged))
     s = jnp.sum(x, axis=-1, keepdims=True)
     np.testing.assert_allclose(w - 1 / x + s, 0.0, atol=1e-12)
+
+
+def test_a_step_that_rounds_to_no_move_ends_the_search():
+    # The only point no higher than the start is the start itself: every step that moves x
+    # is rejected until x + t p rounds back to x. That is not a step taken: the problem
+    # fails at once (it used to count as a step and repeat until max_steps).
+    def fn(x):
+        at_start = jnp.all(x == 1.0, axis=-1)
+        return (
+            jnp.where(at_start, 0.0, 1.0).astype(x.dtype),
+            jnp.ones_like(x),
+            jnp.ones_like(x),
+            jnp.zeros(x.shape[:-1], x.dtype),
+        )
+
+    for dtype in (jnp.float32, jnp.float64):
+        x, info = minimize_diagonal_plus_rank_one(fn, jnp.ones((2, 3), dtype), max_steps=50)
+        assert bool(info.failed.all()) and not bool(info.converged.any())
+        assert (np.asarray(info.num_steps) == 0).all()
+        np.testing.assert_array_equal(x, 1.0)
