@@ -297,3 +297,34 @@ def test_vae_fresh_optimizer_does_not_recompile_and_bad_input():
         ej.fit(model, x[:, :10], m_step=ej.GradientMStep(optax.adam(1e-3)), key=jr.key(0))
     with pytest.raises(ValueError, match="likelihood must be 'bernoulli' or 'gaussian'"):
         VAE.initialize(jr.key(0), 4, 2, likelihood="poisson")
+
+
+def test_a_pass_that_turns_non_finite_leaves_the_last_finite_model():
+    x = ppca_data(jnp.float64)
+    start = PPCA.initialize(jr.key(4), x, latent_dim=L)
+    limit = float(jnp.abs(start.weight).max()) + 0.4  # the ML loadings reach ~2: crossed
+    prior = lambda m: jnp.where(jnp.abs(m.weight).max() > limit, jnp.nan, 0.0)
+
+    def fit(max_iters):
+        return ej.fit(
+            start,
+            x,
+            q=ej.Amortized(zero_encoder(), num_samples=2),
+            m_step=ej.GradientMStep(optax.adam(0.05)),
+            prior=prior,
+            batch_size=50,
+            max_iters=max_iters,
+            tol=0.0,
+            key=jr.key(0),
+        )
+
+    with pytest.warns(RuntimeWarning, match="the model and q are those of the last finite"):
+        res = fit(100)
+    assert res.status == ej.Status.NONFINITE and 1 <= res.num_iters < 100
+    assert np.isfinite(res.history).all()
+    assert float(jnp.abs(res.model.weight).max()) <= limit
+    # the same fit stopped by max_iters at that pass ends on the same model
+    same = fit(res.num_iters)
+    assert same.status == ej.Status.MAX_ITERS
+    np.testing.assert_array_equal(res.model.weight, same.model.weight)
+    np.testing.assert_array_equal(res.q.encoder.matrix, same.q.encoder.matrix)

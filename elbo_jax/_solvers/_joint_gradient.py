@@ -12,6 +12,10 @@ $$\hat F_b(q, \theta) = -\frac1{B_b} \sum_{n \in b} \big(E_{q_n}[\log p(x_n, z \
 
 is an unbiased estimate of F. The pass's F, reported per iteration, is the mean of the
 minibatch estimates at the parameters each minibatch saw (before its update).
+
+A pass that leaves a parameter or its F non-finite is not taken: the fit stops with
+``Status.NONFINITE`` and the model of the last finite pass. To skip non-finite minibatch
+updates instead, wrap the optimizer: ``optax.apply_if_finite(optax.adam(1e-3), 10)``.
 """
 
 from typing import Any
@@ -110,9 +114,9 @@ class JointGradient(AbstractSolver):
             state.passes,
             key,
         )
-        # An update that leaves the parameters non-finite is not taken.
-        finite = is_finite_tree(new.model) & is_finite_tree(new.q)
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
+        # No per-minibatch finiteness check (a select over every weight and optimizer
+        # moment costs as much as the update): a pass that ends non-finite is not taken by
+        # the fit loop (``is_finite``), which stops there with the last finite model.
         return new, total + estimate.astype(dtype) * visited, weight + visited
 
     def step(self, state, data, started):
