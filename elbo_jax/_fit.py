@@ -132,8 +132,7 @@ def _resolve_m_step(m_step: Any, model: Model) -> Any:
         if m_step != "exact":
             raise ValueError(f"m_step must be {_M_STEPS}, got {m_step!r}")
         # A model may solve its exact M-step its own way (DirichletMultinomialMixture: Newton).
-        default = getattr(model, "default_m_step", None)
-        return ExactMStep() if default is None else default()
+        return model.default_m_step()
     if isinstance(m_step, (AbstractMStep, StepwiseMStep, InertiaMStep)):
         return m_step
     raise TypeError(f"m_step must be {_M_STEPS}, got {m_step!r}")

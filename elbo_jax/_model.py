@@ -12,6 +12,7 @@ from ._latent import AbstractLatent, Chain, Discrete
 
 if TYPE_CHECKING:
     from ._q import AbstractQ
+    from ._steps import AbstractMStep
 
 
 class Model(eqx.Module):
@@ -163,12 +164,21 @@ class Model(eqx.Module):
     def default_q(self) -> "AbstractQ":
         """The recognition family ``fit`` uses for data in memory when no ``q`` is given:
         ``ej.ExactPosterior()`` by default. A model whose posterior is out of reach gives
-        its own (LDA: its mean-field family, warm-started from one iteration to the next).
+        its own (LDA: its mean-field family over each document's topic proportions).
         Online and stream fits always use ``ExactPosterior()``: the model's
         ``exact_posterior`` hook for each batch."""
         from ._q import ExactPosterior
 
         return ExactPosterior()
+
+    def default_m_step(self) -> "AbstractMStep":
+        """What ``fit``'s ``m_step="exact"`` means for this model: ``ej.ExactMStep()`` by
+        default (the closed form when ``has_closed_form``, else solved numerically). A model
+        with a better exact solver gives it (the Dirichlet-multinomial mixture:
+        ``ej.NewtonMStep()``)."""
+        from ._steps import ExactMStep
+
+        return ExactMStep()
 
     def honours_frozen(self, frozen: Any) -> bool:
         """Whether ``maximize(stats, prior, frozen=frozen)`` gives the exact M-step with the
