@@ -17,10 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._custom_types import Array
-
-
-def _is_concrete(value: Any) -> bool:
-    return not isinstance(value, jax.core.Tracer)
+from ._validate import is_concrete
 
 
 class Sequences(eqx.Module):
@@ -46,7 +43,7 @@ class Sequences(eqx.Module):
     lengths: Any
 
     def __init__(self, frames: Any, lengths: Any = None):
-        if not isinstance(frames, jax.Array) and _is_concrete(frames):
+        if not isinstance(frames, jax.Array) and is_concrete(frames):
             frames = np.asarray(frames)
         if getattr(frames, "ndim", 0) < 2:
             raise ValueError(
@@ -55,7 +52,7 @@ class Sequences(eqx.Module):
         n, t = frames.shape[:2]
         if lengths is None:
             lengths = np.full((n,), t, np.int32)
-        elif _is_concrete(lengths):
+        elif is_concrete(lengths):
             values = np.asarray(lengths)
             if values.shape != (n,):
                 raise ValueError(f"lengths has shape {values.shape}, expected (N,) = ({n},)")

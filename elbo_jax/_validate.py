@@ -24,6 +24,11 @@ def _no_inf(arr: jax.Array) -> jax.Array:
     return ~jnp.any(jnp.isinf(arr))
 
 
+def is_concrete(*arrays: Any) -> bool:
+    """True unless one of ``arrays`` is a tracer (so that its values can be checked now)."""
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
 def is_integer(value: Any) -> bool:
     """A Python or NumPy integer (``np.int64(3)`` too), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._custom_types import Array, Data, Float, Int, Key, LogTable, Scalar, Stats
 from .._q import AbstractQ
-from .._validate import is_number, to_python_number
+from .._validate import is_concrete, is_number, to_python_number
 from ._emissions import (
     bernoulli_log_density,
     bernoulli_maximize,
@@ -36,7 +36,6 @@ from ._mixture import (
     _check_weights,
     _complete_data_counts,
     _float_dtype,
-    _is_concrete,
     _log_symmetric_dirichlet,
     _responsibilities,
     _weight_logits,
@@ -168,7 +167,7 @@ class BernoulliMixture(AbstractMixture):
                 f"probs has shape {probs.shape}, expected (K, D) with K={weights.shape[0]} "
                 "(the length of weights) and D >= 1"
             )
-        if _is_concrete(probs):
+        if is_concrete(probs):
             p = np.asarray(probs)
             if not np.all((p >= 0) & (p <= 1)):
                 raise ValueError("probs must lie in [0, 1] (and be finite)")

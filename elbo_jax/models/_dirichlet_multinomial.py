@@ -32,14 +32,13 @@ import numpy as np
 from .._custom_types import Array, Data, Float, Int, Key, LogTable, Scalar
 from .._newton import NewtonInfo, minimize_diagonal_plus_rank_one
 from .._newton_step import NewtonMStep
-from .._validate import is_integer, is_number
+from .._validate import is_concrete, is_integer, is_number
 from ._mixture import (
     AbstractMixture,
     _check_data,
     _check_num_components,
     _check_weights,
     _float_dtype,
-    _is_concrete,
     _responsibilities,
     _weight_logits,
 )
@@ -214,7 +213,7 @@ class DirichletMultinomialMixture(AbstractMixture):
                 f"concentrations has shape {concentrations.shape}, expected (K, V) with K={k} "
                 "(the length of weights) and V >= 1"
             )
-        if _is_concrete(concentrations):
+        if is_concrete(concentrations):
             a = np.asarray(concentrations)
             if not np.all(np.isfinite(a) & (a > 0)):
                 raise ValueError("concentrations must be finite and > 0")
@@ -373,7 +372,7 @@ class DirichletMultinomialMixture(AbstractMixture):
         trials = jnp.asarray(num_trials)
         if trials.shape not in ((), (n,)):
             raise ValueError(f"num_trials has shape {trials.shape}, expected () or ({n},)")
-        if _is_concrete(trials):
+        if is_concrete(trials):
             t = np.asarray(trials, np.float64)
             if not np.all(np.isfinite(t) & (t >= 0) & (t == np.round(t))):
                 raise ValueError(f"num_trials must be nonnegative integers, got {num_trials!r}")

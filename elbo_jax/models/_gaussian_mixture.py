@@ -15,8 +15,8 @@ import numpy as np
 
 from .._custom_types import Array, Float, Int, Key, LogTable, Scalar
 from .._statistics import AbstractStatistics
-from .._validate import canonical_float_dtype, check_number, is_integer
-from ._mixture import AbstractMixture, _check_data_shape, _is_concrete
+from .._validate import canonical_float_dtype, check_number, is_concrete, is_integer
+from ._mixture import AbstractMixture, _check_data_shape
 
 _LOG_2PI = math.log(2 * math.pi)
 _COVARIANCE_TYPES = ("full", "diag")
@@ -324,7 +324,7 @@ class GaussianMixture(AbstractMixture):
                 f"(K={k}, D={d}) for covariance_type={covariance_type!r}"
             )
         raw = _precision_factor_from_covariance(covariances, covariance_type)
-        if _is_concrete(weights, means, covariances):
+        if is_concrete(weights, means, covariances):
             w = np.asarray(weights)
             tol = math.sqrt(float(jnp.finfo(dtype).eps))
             if not np.all(np.isfinite(w)) or np.any(w <= 0) or abs(w.sum() - 1) > tol:
@@ -1112,7 +1112,7 @@ class GaussianMixturePrior(eqx.Module):
             )
         if self.mean_precision.ndim or self.dof.ndim:
             raise ValueError("mean_precision and dof must be scalars")
-        if _is_concrete(self.concentration, self.mean_precision, self.dof, self.scale):
+        if is_concrete(self.concentration, self.mean_precision, self.dof, self.scale):
             if not bool(jnp.all(self.concentration >= 1)):
                 raise ValueError(
                     f"concentration must be >= 1 (the MAP weights must lie inside the simplex), "

@@ -30,7 +30,7 @@ import numpy as np
 from .._custom_types import Array, Data, Float, Key, PerDatum, Scalar, Stats
 from .._model import Model
 from .._q import AbstractQ, ExactPosterior
-from .._validate import canonical_float_dtype, is_integer, is_number, prepare_data
+from .._validate import canonical_float_dtype, is_concrete, is_integer, is_number, prepare_data
 from ._lda_inference import (
     DocumentTerms,
     LDAPosterior,
@@ -50,12 +50,8 @@ from ._lda_inference import (
 ETA_RANGE = (1e-6, 1e6)
 
 
-def _is_concrete(*arrays: Any) -> bool:
-    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
-
-
 def _check_positive(name: str, value: Array) -> None:
-    if _is_concrete(value):
+    if is_concrete(value):
         v = np.asarray(value, np.float64)
         if not np.all(np.isfinite(v) & (v > 0)):
             raise ValueError(f"{name} must be finite and > 0, got {np.asarray(value)}")
@@ -63,7 +59,7 @@ def _check_positive(name: str, value: Array) -> None:
 
 def _check_counts_entries(name: str, values: Any) -> None:
     """Nonnegative whole numbers (finite), else a ``ValueError`` naming the first bad entry."""
-    if not _is_concrete(values):
+    if not is_concrete(values):
         return
     v = np.asarray(values)
     if v.dtype.kind == "f":
@@ -292,7 +288,7 @@ class LDA(Model):
                 raise ValueError(
                     f"x.num_words = {x.num_words}, but the model has a vocabulary of V = {v} words"
                 )
-            if _is_concrete(ids):
+            if is_concrete(ids):
                 i = np.asarray(ids)
                 bad = (i < 0) | (i >= v)
                 if np.any(bad):

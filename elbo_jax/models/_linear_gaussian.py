@@ -24,17 +24,13 @@ from .._latent import Real
 from .._model import Model
 from .._q import AbstractQ, Gaussian
 from .._statistics import AbstractStatistics
-from .._validate import canonical_float_dtype, is_integer, is_number, prepare_data
+from .._validate import canonical_float_dtype, is_concrete, is_integer, is_number, prepare_data
 
 DEFAULT_MIN_NOISE_VARIANCE = 1e-6
 """Default floor on the noise variances set by the closed-form M-step (``reg_covar``-style)."""
 
 
 # --------------------------------------------------------------------------- helpers
-def _is_concrete(a: Any) -> bool:
-    return not isinstance(a, jax.core.Tracer)
-
-
 def _float_dtype(a: Array) -> Any:
     """``a``'s dtype if floating, else the default float dtype (as JAX stores either)."""
     return canonical_float_dtype(a)
@@ -71,9 +67,9 @@ def _check_parameters(
             f"({'a scalar' if noise_shape == 'scalar' else f'one variance per dimension, D={d}'})"
         )
     for name, value in (("weight", weight), ("mean", mean)):
-        if _is_concrete(value) and not np.all(np.isfinite(np.asarray(value))):
+        if is_concrete(value) and not np.all(np.isfinite(np.asarray(value))):
             raise ValueError(f"{cls_name}: {name} contains NaN or Inf")
-    if _is_concrete(noise):
+    if is_concrete(noise):
         arr = np.asarray(noise)
         if not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
             raise ValueError(f"{cls_name}: noise_variance must be finite and > 0, got {arr}")
@@ -94,7 +90,7 @@ def _prepare_x(x: Any) -> Array:
     x = jnp.asarray(x)
     x = x.astype(_float_dtype(x))
     _check_x(x)
-    if _is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
+    if is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
         raise ValueError("x contains NaN or Inf")
     return x
 

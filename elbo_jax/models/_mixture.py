@@ -19,15 +19,10 @@ from .._custom_types import Array, Data, Float, Int, Scalar
 from .._latent import Discrete
 from .._model import Model
 from .._q import AbstractQ
-from .._validate import canonical_float_dtype, is_integer, prepare_data
+from .._validate import canonical_float_dtype, is_concrete, is_integer, prepare_data
 
 
 # --------------------------------------------------------------------------- helpers
-def _is_concrete(*arrays: Any) -> bool:
-    """True unless one of ``arrays`` is a tracer (so its values can be checked now)."""
-    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
-
-
 def _float_dtype(*arrays: Array) -> Any:
     """The promoted floating dtype of ``arrays`` (the default float if none is floating),
     as JAX stores it (float32 for float64 input with x64 off)."""
@@ -38,7 +33,7 @@ def _check_weights(weights: Array) -> None:
     """``weights`` must be a 1-D vector of positive numbers summing to one."""
     if weights.ndim != 1 or weights.shape[0] < 1:
         raise ValueError(f"weights has shape {weights.shape}, expected (K,) with K >= 1")
-    if _is_concrete(weights):
+    if is_concrete(weights):
         w = np.asarray(weights, np.float64)
         tol = math.sqrt(float(jnp.finfo(weights.dtype).eps))
         if not (np.all(np.isfinite(w)) and np.all(w > 0) and abs(w.sum() - 1) <= tol):
@@ -79,7 +74,7 @@ def _check_data(
     _check_data_shape(shape, dim)
     if shape[0] < 1:
         raise ValueError(f"x has shape {shape}: there are no data (N = 0)")
-    if _is_concrete(x):
+    if is_concrete(x):
         v, ok = entries(x)
         if not np.all(ok):
             bad = np.argwhere(~ok)[0]

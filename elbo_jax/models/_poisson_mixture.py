@@ -21,7 +21,7 @@ import numpy as np
 
 from .._custom_types import Array, Data, Float, Int, Key, LogTable, Scalar, Stats
 from .._q import AbstractQ
-from .._validate import is_number, to_python_number
+from .._validate import is_concrete, is_number, to_python_number
 from ._emissions import (
     complete_data_count_statistics,
     count_statistics,
@@ -35,7 +35,6 @@ from ._mixture import (
     _check_weights,
     _complete_data_counts,
     _float_dtype,
-    _is_concrete,
     _log_symmetric_dirichlet,
     _responsibilities,
     _weight_logits,
@@ -167,7 +166,7 @@ class PoissonMixture(AbstractMixture):
                 f"rates has shape {rates.shape}, expected (K, D) with K={weights.shape[0]} "
                 "(the length of weights) and D >= 1"
             )
-        if _is_concrete(rates):
+        if is_concrete(rates):
             r = np.asarray(rates)
             if not np.all(np.isfinite(r) & (r > 0)):
                 raise ValueError("rates must be finite and > 0")
