@@ -340,6 +340,9 @@ def test_online_vb_one_whole_batch_step_is_batch_vb(corpus):
         lda, train, q=ej.ExactPosterior(), m_step=ej.StepwiseMStep(step_size=1.0), max_iters=1
     )
     batch = ej.fit(lda, train, q=ej.ExactPosterior(), max_iters=1)
+    # the pass's ELBO estimate is that of the model it visited, topics' KL term included
+    start_elbo = -float(ej.free_energy(lda, ej.ExactPosterior(), train))
+    np.testing.assert_allclose(float(online.history[0]), start_elbo, rtol=1e-12)
     np.testing.assert_allclose(
         np.asarray(online.model.topic_word_concentration),
         np.asarray(batch.model.topic_word_concentration),

@@ -37,7 +37,7 @@ import numpy as np
 from .._custom_types import Array, Key
 from .._data import Dataset, weighted_sum
 from .._latent import Chain, Discrete
-from .._model import Model, float_dtype, is_finite_tree
+from .._model import Model, float_dtype, has_global_elbo, is_finite_tree
 from .._objective import _free_energy, free_energy_from_sum
 from .._q import normalize_table
 from .._statistics import merge_statistics, scale_statistics
@@ -326,8 +326,9 @@ class OnlineEM(AbstractSolver):
         # A minibatch update that leaves the model non-finite is not taken.
         finite = is_finite_tree(model)
         new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
-        # The minibatch's ELBO at the parameters it was visited with (its prior term too).
-        elbo = total / scale + visited * self._log_prior_per_datum(state.model, batch.num_data)
+        # The minibatch's ELBO at the parameters it was visited with (its share of the global
+        # terms too).
+        elbo = total / scale + visited * self._global_per_datum(state.model, batch.num_data)
         return _Carry(new, carry.total + elbo, carry.weight + visited)
 
     def _inertia(self, model: Model, batch: Dataset, count: Array, key: Key):
@@ -358,14 +359,18 @@ class OnlineEM(AbstractSolver):
         dtype = _dtype(state.model)
         visited = jnp.maximum(jnp.sum(batch.weights).astype(dtype), 1)
         mean = log_likelihood_sum(state.model, batch).astype(dtype) / visited
-        return state, -(mean + self._log_prior_per_datum(state.model, batch.num_data))
+        return state, -(mean + self._global_per_datum(state.model, batch.num_data))
 
-    def _log_prior_per_datum(self, model: Model, num_data: Array) -> Array:
-        r"""$\log p(\theta) / N$: the prior's weight is 1/N of the whole data set."""
+    def _global_per_datum(self, model: Model, num_data: Array) -> Array:
+        r"""$(\text{global\_elbo} + \log p(\theta)) / N$: the terms F counts once for the
+        whole data set (LDA's topics, the prior), 1/N of them per datum."""
         dtype = _dtype(model)
-        if self.prior is None:
-            return jnp.zeros((), dtype)
-        return jnp.asarray(self.prior(model), dtype) / jnp.asarray(num_data, dtype)
+        total = jnp.zeros((), dtype)
+        if has_global_elbo(model):
+            total = total + jnp.asarray(model.global_elbo(), dtype)
+        if self.prior is not None:
+            total = total + jnp.asarray(self.prior(model), dtype)
+        return total / jnp.asarray(num_data, dtype)
 
     def start(self, state: OnlineState, started: Array = None, num_data: Array = None) -> _Carry:
         """Begin a pass (over a stream: ``update`` each batch, then ``finish``)."""
@@ -375,7 +380,7 @@ class OnlineEM(AbstractSolver):
 
     def finish(self, carry: _Carry, num_data: Array) -> tuple[OnlineState, Array]:
         """The state after a pass and the pass's F estimate."""
-        del num_data  # each minibatch added its prior term
+        del num_data  # each minibatch added its share of the global terms
         state = carry.state
         state = eqx.tree_at(lambda s: s.passes, state, state.passes + 1)
         return state, -carry.total / jnp.maximum(carry.weight, 1)
