@@ -323,16 +323,20 @@ def optimal_terms(
 
 
 # Documents whose coordinate ascent has converged are dropped from the batch in stages: the
-# batch is halved (active documents first) each time at most half of it is still moving,
-# down to this many documents. A batch-wide loop would run every document for as many sweeps
-# as the slowest needs (often 100 against a median of 20).
-MIN_STAGE_SIZE = 64
+# batch shrinks by STAGE_FACTOR (moving documents first) each time at most that fraction of
+# it is still moving, down to about MIN_STAGE_SIZE documents. A batch-wide loop would run
+# every document for as many sweeps as the slowest needs (often 100 against a median of
+# 20). Measured on 10,000 documents (V = 2,000, K = 20, 2 CPU cores): online passes in
+# minibatches of 256 took 0.35 s with (8, 4) against 0.75 s with (64, 2), batch iterations
+# the same, compile time the same (fewer stages).
+MIN_STAGE_SIZE = 8
+STAGE_FACTOR = 4
 
 
 def _stage_sizes(n: int) -> list[int]:
     sizes = [n]
-    while sizes[-1] > 2 * MIN_STAGE_SIZE:
-        sizes.append(-(-sizes[-1] // 2))
+    while sizes[-1] > STAGE_FACTOR * MIN_STAGE_SIZE:
+        sizes.append(-(-sizes[-1] // STAGE_FACTOR))
     return sizes
 
 
@@ -350,8 +354,8 @@ def fit_local(
     a document's mean absolute change of $\gamma$ is below ``tol`` (or the rounding of its
     largest entry, ``16 eps max_k gamma_dk``), for at most ``max_iters`` sweeps. Documents
     are swept together; those that have converged leave the batch in stages
-    (``MIN_STAGE_SIZE``), so the cost follows the documents' own numbers of sweeps, as in a
-    loop over documents. Each sweep lowers F; returns the last $\gamma$ (its $\phi$ is
+    (``MIN_STAGE_SIZE``, ``STAGE_FACTOR``), so the cost follows the documents' own numbers of
+    sweeps, as in a loop over documents. Each sweep lowers F; returns the last $\gamma$ (its $\phi$ is
     $\phi^*(\gamma)$)."""
     dtype = gamma.dtype
     eps = float(jnp.finfo(dtype).eps)
