@@ -35,7 +35,6 @@ evaluator.
 """
 
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -654,13 +653,5 @@ def run(*, quick: bool, scale: float, out_dir: Path, smoke: bool = False) -> dic
     results["targets"] = targets(results)
     results["load_average_end"] = _device.load_average()
     results["wall_s"] = time.perf_counter() - t0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = {"full": "", "quick": "_quick", "smoke": "_smoke"}[cfg["mode"]]
-    paths = {
-        "json": out_dir / f"results_lda{suffix}.json",
-        "md": out_dir / f"results_lda{suffix}.md",
-    }
-    paths["json"].write_text(json.dumps(results, indent=1, default=_report._json_default) + "\n")
-    paths["md"].write_text(markdown(results))
-    results["paths"] = paths
+    results["paths"] = _report.write_named("lda", results, markdown(results), out_dir, cfg["mode"])
     return results

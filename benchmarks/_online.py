@@ -862,14 +862,8 @@ def run(
     results["targets"] = targets(results)
     results["load_average_end"] = _device.load_average()
     results["wall_s"] = time.perf_counter() - t0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if quick else ""
-    paths = {
-        "json": out_dir / f"results_online{suffix}.json",
-        "md": out_dir / f"results_online{suffix}.md",
-    }
-    paths["json"].write_text(json.dumps(results, indent=1, default=_report._json_default) + "\n")
-    paths["md"].write_text(markdown(results))
+    mode = "quick" if quick else "full"
+    paths = _report.write_named("online", results, markdown(results), out_dir, mode)
     results["paths"] = {k: str(v) for k, v in paths.items()}
     return results
 

@@ -235,6 +235,20 @@ def write(results: dict, out_dir: Path, quick: bool) -> dict[str, Path]:
     return paths
 
 
+def write_named(name: str, results: dict, markdown_text: str, out_dir: Path, mode: str) -> dict:
+    """``results_<name>[_<mode>].json`` and ``.md`` in ``out_dir`` (no suffix for a full
+    run); returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "" if mode == "full" else f"_{mode}"
+    paths = {
+        "json": out_dir / f"results_{name}{suffix}.json",
+        "md": out_dir / f"results_{name}{suffix}.md",
+    }
+    paths["json"].write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+    paths["md"].write_text(markdown_text)
+    return paths
+
+
 def _json_default(obj):
     if isinstance(obj, np.generic):
         return obj.item()
