@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import _workloads
 
@@ -62,45 +63,38 @@ def _parser() -> argparse.ArgumentParser:
     online.add_argument("--devices", default=None, help=argparse.SUPPRESS)  # e.g. "1,2"
     online.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     online.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    vae = sub.add_parser(
+    _comparison_parser(
+        sub,
         "vae",
-        help="elbo_jax's VAE against numpyro SVI (same networks, optimizer, minibatches); "
+        "elbo_jax's VAE against numpyro SVI (same networks, optimizer, minibatches); "
         "writes results_vae.json / results_vae.md",
+        quick="the synthetic set at 1/10, fewer passes (~2 min)",
     )
-    vae.add_argument(
-        "--quick", action="store_true", help="the synthetic set at 1/10, fewer passes (~2 min)"
-    )
-    vae.add_argument(
-        "--out", default=None, help="output folder (default benchmarks/results/<device kind>/)"
-    )
-    # Hidden knobs for tests and smoke runs: scale the synthetic set; the test's tiny sizes.
-    vae.add_argument(
-        "--scale",
-        type=float,
-        default=float(os.environ.get("ELBO_JAX_BENCH_SCALE", 1.0)),
-        help=argparse.SUPPRESS,
-    )
-    vae.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    lda = sub.add_parser(
+    _comparison_parser(
+        sub,
         "lda",
-        help="elbo_jax's LDA (batch and online VB) against scikit-learn and gensim on a "
+        "elbo_jax's LDA (batch and online VB) against scikit-learn and gensim on a "
         "synthetic corpus and gensim's Lee corpus; writes results_lda.json / results_lda.md",
+        quick="2,000 synthetic training documents (~2 min)",
     )
-    lda.add_argument(
-        "--quick", action="store_true", help="2,000 synthetic training documents (~2 min)"
-    )
-    lda.add_argument(
+    return p
+
+
+def _comparison_parser(sub: Any, name: str, help: str, *, quick: str) -> None:
+    """The ``vae`` and ``lda`` subcommands: ``--quick``, ``--out``, and the hidden knobs for
+    tests and smoke runs (``--scale`` of the synthetic set, ``--smoke``: the test's sizes)."""
+    parser = sub.add_parser(name, help=help)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument(
         "--out", default=None, help="output folder (default benchmarks/results/<device kind>/)"
     )
-    # Hidden knobs for tests and smoke runs: scale the synthetic corpus; the test's tiny sizes.
-    lda.add_argument(
+    parser.add_argument(
         "--scale",
         type=float,
         default=float(os.environ.get("ELBO_JAX_BENCH_SCALE", 1.0)),
         help=argparse.SUPPRESS,
     )
-    lda.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    return p
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
 
 
 def _run_online(args: argparse.Namespace) -> dict:

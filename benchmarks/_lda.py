@@ -630,28 +630,16 @@ def markdown(results: dict) -> str:
 def run(*, quick: bool, scale: float, out_dir: Path, smoke: bool = False) -> dict:
     """The whole run: training in float32 (JAX's 64-bit mode off for the run, whatever the
     caller's configuration), held-out scoring in float64; writes the JSON and markdown."""
-    import jax
+    from . import _report
 
-    from . import _device, _report
-
-    t0 = time.perf_counter()
-    cfg = settings(quick, scale, smoke)
-    info = _device.device_info()
-    versions = dict(info["versions"], gensim=_device._version("gensim"))
-    info["versions"] = {k: versions.get(k) for k in _VERSIONS}
-    results = {"settings": cfg, "device": info, "load_average_start": _device.load_average()}
-    results["rows"], results["corpora"] = [], {}
-    with (
-        jax.enable_x64(False),
-        jax.numpy_dtype_promotion("standard"),
-        jax.numpy_rank_promotion("allow"),
-    ):
-        for name in cfg["corpora"]:
-            rows, corpus = _corpus_rows(name, cfg)
-            results["rows"] += rows
-            results["corpora"][name] = corpus
-    results["targets"] = targets(results)
-    results["load_average_end"] = _device.load_average()
-    results["wall_s"] = time.perf_counter() - t0
-    results["paths"] = _report.write_named("lda", results, markdown(results), out_dir, cfg["mode"])
-    return results
+    return _report.run_comparison(
+        "lda",
+        settings(quick, scale, smoke),
+        peer="gensim",
+        versions=_VERSIONS,
+        groups="corpora",
+        group_rows=_corpus_rows,
+        targets=targets,
+        markdown=markdown,
+        out_dir=out_dir,
+    )

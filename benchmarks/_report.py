@@ -235,6 +235,50 @@ def write(results: dict, out_dir: Path, quick: bool) -> dict[str, Path]:
     return paths
 
 
+def run_comparison(
+    name: str,
+    cfg: dict,
+    *,
+    peer: str,
+    versions: tuple,
+    groups: str,
+    group_rows,
+    targets,
+    markdown,
+    out_dir: Path,
+) -> dict:
+    """A side-by-side run (``vae``, ``lda``): the device and versions (``peer`` the peer
+    package whose version is added), ``group_rows(name, cfg) -> (rows, description)`` for
+    each entry of ``cfg[groups]``, run in float32 with JAX's default promotion rules whatever
+    the caller's configuration; then the targets, and ``results_<name>`` written."""
+    import time
+
+    import jax
+
+    from . import _device
+
+    t0 = time.perf_counter()
+    info = _device.device_info()
+    found = dict(info["versions"], **{peer: _device._version(peer)})
+    info["versions"] = {k: found.get(k) for k in versions}
+    results = {"settings": cfg, "device": info, "load_average_start": _device.load_average()}
+    results["rows"], results[groups] = [], {}
+    with (
+        jax.enable_x64(False),
+        jax.numpy_dtype_promotion("standard"),
+        jax.numpy_rank_promotion("allow"),
+    ):
+        for group in cfg[groups]:
+            rows, description = group_rows(group, cfg)
+            results["rows"] += rows
+            results[groups][group] = description
+    results["targets"] = targets(results)
+    results["load_average_end"] = _device.load_average()
+    results["wall_s"] = time.perf_counter() - t0
+    results["paths"] = write_named(name, results, markdown(results), out_dir, cfg["mode"])
+    return results
+
+
 def write_named(name: str, results: dict, markdown_text: str, out_dir: Path, mode: str) -> dict:
     """``results_<name>[_<mode>].json`` and ``.md`` in ``out_dir`` (no suffix for a full
     run); returns their paths."""

@@ -538,28 +538,16 @@ def markdown(results: dict) -> str:
 def run(*, quick: bool, scale: float, out_dir: Path, smoke: bool = False) -> dict:
     """The whole run, in float32 with JAX's default promotion rules whatever the caller's
     configuration; writes the JSON and markdown and returns the results."""
-    import jax
+    from . import _report
 
-    from . import _device, _report
-
-    t0 = time.perf_counter()
-    cfg = settings(quick, scale, smoke)
-    info = _device.device_info()
-    versions = dict(info["versions"], numpyro=_device._version("numpyro"))
-    info["versions"] = {k: versions.get(k) for k in _VERSIONS}
-    results = {"settings": cfg, "device": info, "load_average_start": _device.load_average()}
-    results["rows"], results["datasets"] = [], {}
-    with (
-        jax.enable_x64(False),
-        jax.numpy_dtype_promotion("standard"),
-        jax.numpy_rank_promotion("allow"),
-    ):
-        for name in cfg["datasets"]:
-            rows, dataset = _dataset_rows(name, cfg)
-            results["rows"] += rows
-            results["datasets"][name] = dataset
-    results["targets"] = targets(results)
-    results["load_average_end"] = _device.load_average()
-    results["wall_s"] = time.perf_counter() - t0
-    results["paths"] = _report.write_named("vae", results, markdown(results), out_dir, cfg["mode"])
-    return results
+    return _report.run_comparison(
+        "vae",
+        settings(quick, scale, smoke),
+        peer="numpyro",
+        versions=_VERSIONS,
+        groups="datasets",
+        group_rows=_dataset_rows,
+        targets=targets,
+        markdown=markdown,
+        out_dir=out_dir,
+    )
