@@ -1,0 +1,227 @@
+r"""What every scikit-learn estimator of ``elbo_jax.sklearn`` shares.
+
+An estimator here is a thin scikit-learn face on an ``ej.models`` model fitted by ``ej.fit``:
+it validates its input the scikit-learn way, turns ``random_state`` into a JAX key, runs the
+fit (``n_init`` restarts as ONE vmapped compiled call, ``ej.fit(..., restarts=n_init)``), and
+exposes NumPy attributes. This module holds those pieces, for the mixtures, the linear-Gaussian
+models and the sequence and topic models alike:
+
+- ``compute_dtype()`` — the **dtype policy**: float64 when JAX's x64 is on, float32 when it is
+  off. Input of any float (or int, bool) dtype, lists and DataFrames are accepted without a
+  warning and converted by NumPy before JAX sees them; fitted attributes are NumPy arrays of
+  this dtype. There is no ``dtype=`` parameter: JAX cannot compute in float64 with x64 off.
+- ``validate(estimator, X, reset=...)`` — ``sklearn.utils.validation.validate_data`` (sets or
+  checks ``n_features_in_`` / ``feature_names_in_``), then the cast to ``compute_dtype()``.
+- ``key_from_random_state(random_state)`` — a JAX key drawn from scikit-learn's
+  ``check_random_state``: ``None`` differs per call, an ``int`` is reproducible, a
+  ``RandomState`` is advanced.
+- ``run_fit(init, x, *, n_init, key, tol, max_iter, ...)`` — ``ej.fit`` with the restarts, its
+  ``ej.ConvergenceWarning`` re-issued as ``sklearn.exceptions.ConvergenceWarning``.
+- ``em_like_sklearn(...)`` — exact EM counted as scikit-learn's mixtures (and hmmlearn) count
+  it (``n_iter_``, ``lower_bound_``, ``converged_``), for models with a closed-form M-step.
+- ``to_numpy(tree)`` — JAX arrays to NumPy.
+
+scikit-learn >= 1.6 is needed (``validate_data``, ``__sklearn_tags__``); it is an optional
+dependency, ``pip install 'elbo_jax[sklearn]'``.
+"""
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+try:
+    import sklearn
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.utils import check_random_state
+    from sklearn.utils.validation import validate_data
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "elbo_jax.sklearn needs scikit-learn >= 1.6: pip install 'elbo_jax[sklearn]' "
+        f"(importing it failed: {error})"
+    ) from error
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+import elbo_jax as ej
+
+__all__ = [
+    "ConvergenceWarning",
+    "EMOutcome",
+    "compute_dtype",
+    "em_like_sklearn",
+    "key_from_random_state",
+    "run_fit",
+    "to_numpy",
+    "validate",
+]
+
+if tuple(int(p) for p in sklearn.__version__.split(".")[:2] if p.isdigit()) < (1, 6):
+    raise ImportError(
+        f"elbo_jax.sklearn needs scikit-learn >= 1.6, found {sklearn.__version__}: "
+        "pip install -U 'elbo_jax[sklearn]'"
+    )
+
+
+def compute_dtype() -> np.dtype:
+    """The floating dtype the estimators compute in: float64 with JAX's x64 on, else float32.
+
+    Read at each ``fit`` (not at import), so ``jax.config.update("jax_enable_x64", ...)``
+    before a fit decides it. Prediction uses the fitted model's own dtype."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
+
+
+def validate(
+    estimator: Any, X: Any, *, reset: bool, dtype: Any = None, **kwargs: Any
+) -> np.ndarray:
+    """``X`` checked by scikit-learn's ``validate_data`` and cast to ``dtype`` by NumPy.
+
+    ``reset=True`` (in ``fit``) records ``n_features_in_`` and ``feature_names_in_``;
+    ``reset=False`` (after) checks ``X`` against them. ``dtype`` defaults to
+    ``compute_dtype()``; ``kwargs`` go to ``validate_data`` (``ensure_min_samples=2``, ...).
+    The cast happens in NumPy, so float64 input with x64 off never meets JAX's truncation
+    warning."""
+    dtype = compute_dtype() if dtype is None else np.dtype(dtype)
+    X = validate_data(estimator, X, reset=reset, dtype=[np.float64, np.float32], **kwargs)
+    return np.asarray(X, dtype)
+
+
+def key_from_random_state(random_state: Any) -> jax.Array:
+    """A JAX key from a scikit-learn ``random_state`` (``None``, an int or a ``RandomState``),
+    drawn through ``check_random_state`` as scikit-learn's own estimators draw their seeds."""
+    seed = check_random_state(random_state).randint(np.iinfo(np.int32).max)
+    return jr.key(int(seed))
+
+
+def to_numpy(tree: Any) -> Any:
+    """Every JAX array in ``tree`` as a NumPy array (other leaves unchanged)."""
+    return jax.tree_util.tree_map(lambda a: np.asarray(a) if isinstance(a, jax.Array) else a, tree)
+
+
+def run_fit(
+    init: ej.Model | Callable[[jax.Array], ej.Model],
+    x: Any,
+    *,
+    key: jax.Array,
+    tol: float,
+    max_iter: int,
+    n_init: int | None = None,
+    what: str = "fit",
+    **fit_kwargs: Any,
+) -> ej.FitResult:
+    """``ej.fit(init, x, restarts=n_init, key=key, tol=tol, max_iters=max_iter, ...)``.
+
+    ``init`` is a model or an initializer ``key -> model``; with ``n_init`` the restarts run as
+    one vmapped compiled call and the best by final ELBO is returned (``n_init=None``: one
+    plain fit). ``ej.ConvergenceWarning`` (a fit with ``tol > 0`` that stopped at
+    ``max_iter``) becomes ``sklearn.exceptions.ConvergenceWarning``, with ``what`` naming the
+    estimator in the message; other warnings pass through unchanged."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ej.ConvergenceWarning)
+        result = ej.fit(
+            init, x, key=key, tol=tol, max_iters=max_iter, restarts=n_init, **fit_kwargs
+        )
+    if result.status == ej.Status.MAX_ITERS and tol > 0:
+        warn_not_converged(what, max_iter, tol)
+    return result
+
+
+def warn_not_converged(what: str, max_iter: int, tol: float) -> None:
+    """Issue scikit-learn's ``ConvergenceWarning`` for a fit that stopped at ``max_iter``."""
+    warnings.warn(
+        f"{what} did not converge: it stopped at max_iter={max_iter} before the change of the "
+        f"objective fell below tol={tol:g}. Increase max_iter or tol, or check the data.",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EMOutcome:
+    """What ``em_like_sklearn`` returns: the model (JAX), and scikit-learn's bookkeeping.
+
+    - ``model``: $\\theta_T$, the parameters after the last M-step;
+    - ``lower_bound``: $\\frac1N \\log p(x \\mid \\theta_{T-1})$, the mean log-likelihood that
+      the last E-step computed (scikit-learn's ``lower_bound_``);
+    - ``lower_bounds``: the same after each of the ``n_iter`` iterations, ``(n_iter,)``;
+    - ``n_iter``: $T$, the number of M-steps; ``converged``: whether the change fell below tol;
+    - ``restart_lower_bounds``: every restart's final ``lower_bound`` (``None`` for one fit).
+    """
+
+    model: Any
+    lower_bound: float
+    lower_bounds: np.ndarray
+    n_iter: int
+    converged: bool
+    restart_lower_bounds: np.ndarray | None
+
+
+@eqx.filter_jit
+def _em_iteration(model: ej.Model, x: jax.Array) -> tuple[jax.Array, ej.Model]:
+    """One iteration as scikit-learn counts it: the E-step at ``model`` (its mean
+    log-likelihood) and the closed-form M-step from that posterior."""
+    log_marginal, q = model.exact_posterior(x)
+    return jnp.mean(log_marginal), model.maximize(model.sufficient_statistics(x, q))
+
+
+def em_like_sklearn(
+    init: ej.Model | Callable[[jax.Array], ej.Model],
+    x: Any,
+    *,
+    key: jax.Array,
+    tol: float,
+    max_iter: int,
+    n_init: int | None,
+    what: str,
+) -> EMOutcome:
+    r"""Exact EM with scikit-learn's iteration count, for a model with a closed-form M-step.
+
+    scikit-learn's mixtures (and hmmlearn) run, in iteration $t = 1, 2, \dots$: an E-step at
+    $\theta_{t-1}$, which gives $L_{t-1} = \frac1N\log p(x\mid\theta_{t-1})$, then an M-step
+    to $\theta_t$; they stop when $|L_{t-1} - L_{t-2}| <$ ``tol`` ($L_{-1} = -\infty$), or
+    after ``max_iter`` iterations, and report $\theta_t$, $T = t$ and $L_{T-1}$. ``ej.fit``
+    counts an iteration as M-step then E-step, with the same per-datum test on $L_t - L_{t-1}$,
+    so scikit-learn's run is ``ej.fit`` with ``max_iters = max_iter - 1`` (stopping at
+    $T-1$, whose ELBO is $L_{T-1}$) plus ONE more M-step. That is what this does, so
+    ``n_iter_``, ``lower_bound_`` and the parameters equal scikit-learn's from the same start.
+    ``max_iter=0`` returns the start itself (``lower_bound`` $-\infty$), as scikit-learn does.
+    A run that stops at ``max_iter`` warns with scikit-learn's ``ConvergenceWarning``.
+    """
+    if max_iter <= 1:
+        # No ej.fit: the start itself (max_iter=0), or one E-step and M-step from it. With
+        # n_init starts, scikit-learn keeps the best first E-step (max_iter=1).
+        starts = _starting_models(init, key, n_init)
+        if max_iter == 0:
+            return EMOutcome(starts[0], -np.inf, np.zeros((0,)), 0, False, None)
+        bounds = [float(_em_iteration(m, jnp.asarray(x))[0]) for m in starts]
+        model = starts[int(np.argmax(bounds))]
+        converged, restart = False, None if n_init is None else np.asarray(bounds)
+        earlier = np.zeros((0,))
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=ej.ConvergenceWarning)
+            result = ej.fit(init, x, key=key, tol=tol, max_iters=max_iter - 1, restarts=n_init)
+        model = result.model
+        converged = result.status == ej.Status.CONVERGED
+        restart = None if result.restart_elbos is None else np.asarray(result.restart_elbos)
+        # L_0 .. L_{T-2}; L_{T-1} (the fit's last ELBO) is recomputed by the last E-step below.
+        earlier = np.concatenate([[float(result.initial_elbo)], np.asarray(result.history)])[:-1]
+    lower_bound, model = _em_iteration(model, jnp.asarray(x))
+    lower_bound = float(lower_bound)
+    if not converged:
+        warn_not_converged(what, max_iter, tol)
+    lower_bounds = np.append(earlier, lower_bound)
+    return EMOutcome(model, lower_bound, lower_bounds, len(lower_bounds), converged, restart)
+
+
+def _starting_models(init: Any, key: jax.Array, n_init: int | None) -> list:
+    """The starting model(s) ``ej.fit`` would build from ``init`` with this key."""
+    if isinstance(init, ej.Model):
+        return [init]
+    if n_init is None:
+        return [init(jr.split(key)[0])]
+    return [init(k) for k in jr.split(key, n_init)]
