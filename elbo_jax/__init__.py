@@ -35,6 +35,8 @@ from ._q import (
     PointMass as PointMass,
 )
 from ._sequences import Sequences as Sequences
+from ._serialise import load as load
+from ._serialise import save as save
 from ._solvers._online import InertiaMStep as InertiaMStep
 from ._solvers._online import StepwiseMStep as StepwiseMStep
 from ._statistics import AbstractStatistics as AbstractStatistics
