@@ -1,4 +1,11 @@
 """scikit-learn estimators on elbo_jax's models (``pip install 'elbo_jax[sklearn]'``).
 
-Importing this package imports scikit-learn; ``import elbo_jax`` never does.
+Importing this package imports scikit-learn (an ``ImportError`` says how to install it);
+``import elbo_jax`` never does.
 """
+
+from ._linear_gaussian import PPCA as PPCA
+from ._linear_gaussian import FactorAnalysis as FactorAnalysis
+from ._mixtures import BernoulliMixture as BernoulliMixture
+from ._mixtures import GaussianMixture as GaussianMixture
+from ._mixtures import PoissonMixture as PoissonMixture

@@ -19,22 +19,36 @@ models and the sequence and topic models alike:
   ``ej.ConvergenceWarning`` re-issued as ``sklearn.exceptions.ConvergenceWarning``.
 - ``em_like_sklearn(...)`` — exact EM counted as scikit-learn's mixtures (and hmmlearn) count
   it (``n_iter_``, ``lower_bound_``, ``converged_``), for models with a closed-form M-step.
-- ``to_numpy(tree)`` — JAX arrays to NumPy.
+- ``to_numpy(tree)`` — JAX arrays to NumPy; ``evaluate_rows(fn, model, x)`` — a per-sample
+  function compiled once per size bucket; ``check_int`` / ``check_real`` / ``check_option``
+  — parameter checks that name the parameter.
+- scikit-learn's own names the estimators need (``BaseEstimator``, ``check_is_fitted``, ...):
+  estimator modules import scikit-learn only through this module, so that a missing
+  scikit-learn always raises the ``ImportError`` that says how to install it.
 
 scikit-learn >= 1.6 is needed (``validate_data``, ``__sklearn_tags__``); it is an optional
 dependency, ``pip install 'elbo_jax[sklearn]'``.
 """
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+# The one place that imports scikit-learn: the estimator modules take its names from here,
+# so that a missing scikit-learn always gives this message.
 try:
     import sklearn
+    from sklearn.base import (
+        BaseEstimator,
+        ClassNamePrefixFeaturesOutMixin,
+        DensityMixin,
+        TransformerMixin,
+    )
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.utils import check_random_state
-    from sklearn.utils.validation import validate_data
+    from sklearn.utils import check_random_state, check_scalar
+    from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "elbo_jax.sklearn needs scikit-learn >= 1.6: pip install 'elbo_jax[sklearn]' "
@@ -50,7 +64,14 @@ import numpy as np
 import elbo_jax as ej
 
 __all__ = [
+    "BaseEstimator",
+    "ClassNamePrefixFeaturesOutMixin",
     "ConvergenceWarning",
+    "DensityMixin",
+    "TransformerMixin",
+    "check_is_fitted",
+    "check_non_negative",
+    "check_random_state",
     "EMOutcome",
     "compute_dtype",
     "em_like_sklearn",
@@ -149,7 +170,8 @@ class EMOutcome:
       the last E-step computed (scikit-learn's ``lower_bound_``);
     - ``lower_bounds``: the same after each of the ``n_iter`` iterations, ``(n_iter,)``;
     - ``n_iter``: $T$, the number of M-steps; ``converged``: whether the change fell below tol;
-    - ``restart_lower_bounds``: every restart's final ``lower_bound`` (``None`` for one fit).
+    - ``restart_lower_bounds``: every restart's final ``lower_bound`` (``None`` for one fit);
+    - ``extras``: what ``finish(model)`` gave, as NumPy (``None`` without ``finish``).
     """
 
     model: Any
@@ -158,6 +180,38 @@ class EMOutcome:
     n_iter: int
     converged: bool
     restart_lower_bounds: np.ndarray | None
+    extras: Any = None
+
+
+@eqx.filter_jit
+def _maximize(model: ej.Model, stats: Any, finish: Callable) -> tuple[ej.Model, Any]:
+    model = model.maximize(stats)
+    return model, finish(model)
+
+
+@eqx.filter_jit
+def _apply(fn: Callable, model: Any) -> Any:
+    return fn(model)
+
+
+def _nothing(model: Any) -> None:
+    del model
+
+
+def _last_statistics(result: ej.FitResult) -> Any:
+    """The expected statistics of the fit's last E-step, at ``result.model``, where the fit
+    ran exact EM by statistics passes and stopped normally (else ``None``).
+
+    They sit in the solver's state (``StatisticsState.stats``); reading them saves compiling
+    a separate E-step. Anything unexpected gives ``None``, and the E-step is recomputed."""
+    if result.status not in (ej.Status.CONVERGED, ej.Status.MAX_ITERS):
+        return None
+    state = getattr(result.state, "solver_state", None)
+    if getattr(state, "model", None) is None or getattr(state, "stats", None) is None:
+        return None
+    if not result.model.has_closed_form(None):
+        return None
+    return state.stats
 
 
 @eqx.filter_jit
@@ -177,6 +231,8 @@ def em_like_sklearn(
     max_iter: int,
     n_init: int | None,
     what: str,
+    previous_lower_bound: float | None = None,
+    finish: Callable[[Any], Any] | None = None,
 ) -> EMOutcome:
     r"""Exact EM with scikit-learn's iteration count, for a model with a closed-form M-step.
 
@@ -190,17 +246,33 @@ def em_like_sklearn(
     ``n_iter_``, ``lower_bound_`` and the parameters equal scikit-learn's from the same start.
     ``max_iter=0`` returns the start itself (``lower_bound`` $-\infty$), as scikit-learn does.
     A run that stops at ``max_iter`` warns with scikit-learn's ``ConvergenceWarning``.
+
+    ``previous_lower_bound`` (a warm start: ``init`` is the previously fitted model) stands
+    for $L_{-1}$, as in scikit-learn: the run stops after one iteration if $L_0$ is within
+    ``tol`` of it.
+
+    ``finish``: a module-level function ``model -> attributes`` (JAX arrays), computed in the
+    same compiled call as the last M-step where possible (one program fewer to compile per
+    data shape); its result is ``EMOutcome.extras``, as NumPy.
     """
+    finish = _nothing if finish is None else finish
+    if previous_lower_bound is not None and max_iter >= 1 and isinstance(init, ej.Model):
+        lower_bound, model = _em_iteration(init, jnp.asarray(x))
+        lower_bound = float(lower_bound)
+        if abs(lower_bound - previous_lower_bound) < tol:
+            extras = to_numpy(_apply(finish, model))
+            return EMOutcome(model, lower_bound, np.array([lower_bound]), 1, True, None, extras)
     if max_iter <= 1:
         # No ej.fit: the start itself (max_iter=0), or one E-step and M-step from it. With
         # n_init starts, scikit-learn keeps the best first E-step (max_iter=1).
         starts = _starting_models(init, key, n_init)
         if max_iter == 0:
-            return EMOutcome(starts[0], -np.inf, np.zeros((0,)), 0, False, None)
+            extras = to_numpy(_apply(finish, starts[0]))
+            return EMOutcome(starts[0], -np.inf, np.zeros((0,)), 0, False, None, extras)
         bounds = [float(_em_iteration(m, jnp.asarray(x))[0]) for m in starts]
         model = starts[int(np.argmax(bounds))]
         converged, restart = False, None if n_init is None else np.asarray(bounds)
-        earlier = np.zeros((0,))
+        earlier, stats = np.zeros((0,)), None
     else:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=ej.ConvergenceWarning)
@@ -208,14 +280,23 @@ def em_like_sklearn(
         model = result.model
         converged = result.status == ej.Status.CONVERGED
         restart = None if result.restart_elbos is None else np.asarray(result.restart_elbos)
-        # L_0 .. L_{T-2}; L_{T-1} (the fit's last ELBO) is recomputed by the last E-step below.
-        earlier = np.concatenate([[float(result.initial_elbo)], np.asarray(result.history)])[:-1]
-    lower_bound, model = _em_iteration(model, jnp.asarray(x))
-    lower_bound = float(lower_bound)
+        # L_0 .. L_{T-1}: the start's and each iteration's ELBO (exact EM: the mean
+        # log-likelihood); the last is the E-step at the model the fit returns.
+        bounds = np.concatenate([[float(result.initial_elbo)], np.asarray(result.history)])
+        earlier, lower_bound = bounds[:-1], float(bounds[-1])
+        stats = _last_statistics(result)
+    if stats is not None:  # the fit's last E-step left its statistics: only the M-step
+        model, extras = _maximize(model, stats, finish)
+    else:
+        lower_bound, model = _em_iteration(model, jnp.asarray(x))
+        lower_bound, extras = float(lower_bound), _apply(finish, model)
     if not converged:
         warn_not_converged(what, max_iter, tol)
     lower_bounds = np.append(earlier, lower_bound)
-    return EMOutcome(model, lower_bound, lower_bounds, len(lower_bounds), converged, restart)
+    extras = to_numpy(extras)
+    return EMOutcome(
+        model, lower_bound, lower_bounds, len(lower_bounds), converged, restart, extras
+    )
 
 
 def _starting_models(init: Any, key: jax.Array, n_init: int | None) -> list:
@@ -225,3 +306,57 @@ def _starting_models(init: Any, key: jax.Array, n_init: int | None) -> list:
     if n_init is None:
         return [init(jr.split(key)[0])]
     return [init(k) for k in jr.split(key, n_init)]
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _bucket(n: int) -> int:
+    """``n`` rounded up to one of four sizes per power of two, at least 16 (under 1/4 padding)."""
+    if n <= 16:
+        return 16
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
+@eqx.filter_jit
+def _on_rows(fn: Callable, model: Any, x: jax.Array) -> Any:
+    return fn(model, x)
+
+
+def evaluate_rows(fn: Callable[[Any, jax.Array], Any], model: Any, x: np.ndarray) -> Any:
+    """``fn(model, x)`` as NumPy, for a ``fn`` that maps rows to rows (a value per datum).
+
+    ``x`` is padded with copies of its first row to a size bucket (four per power of two)
+    and ``fn`` runs compiled, so predicting on data of a new length rarely compiles anew.
+    ``fn`` must be a module-level function (compiled programs are cached per function)."""
+    n = x.shape[0]
+    rows = _bucket(n)
+    if rows != n:
+        x = np.concatenate([x, np.broadcast_to(x[:1], (rows - n, *x.shape[1:]))])
+    out = _on_rows(fn, model, jnp.asarray(x))
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], out)
+
+
+# ----------------------------------------------------------------------------- parameters
+def check_int(name: str, value: Any, low: int) -> int:
+    """``value`` as an int ``>= low``; scikit-learn's ``check_scalar`` errors otherwise."""
+    check_scalar(value, name, numbers.Integral, min_val=low)
+    return int(value)
+
+
+def check_real(name: str, value: Any, low: float, *, inclusive: bool = True) -> float:
+    """``value`` as a float ``>= low`` (``> low`` unless ``inclusive``)."""
+    check_scalar(
+        value,
+        name,
+        numbers.Real,
+        min_val=low,
+        include_boundaries="left" if inclusive else "neither",
+    )
+    return float(value)
+
+
+def check_option(name: str, value: Any, options: tuple) -> Any:
+    """``value`` if it is one of ``options``, else a ``ValueError`` listing them."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value
