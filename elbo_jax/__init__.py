@@ -1,12 +1,13 @@
 """elbo_jax: latent-variable models by EM and its relatives, as compiled coordinate descent
 on one free energy."""
 
-import importlib.metadata
+import importlib.metadata as _metadata
 
 from . import models as models
 from ._amortized import Amortized as Amortized
 from ._chain import ChainPosterior as ChainPosterior
 from ._combine import combine as combine
+from ._errors import ConvergenceWarning as ConvergenceWarning
 from ._fit import FitResult as FitResult
 from ._fit import Status as Status
 from ._fit import fit as fit
@@ -63,6 +64,11 @@ from ._steps import (
 from ._stream import Stream as Stream
 
 try:
-    __version__ = importlib.metadata.version("elbo_jax")
-except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = _metadata.version("elbo_jax")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
+
+
+def __dir__() -> list[str]:
+    """The public names only (not the private modules that hold the code)."""
+    return sorted([name for name in globals() if not name.startswith("_")] + ["__version__"])

@@ -1,4 +1,5 @@
-"""The elbo_jax command line: ``python -m elbo_jax demo [--out DIR] [--num-data N] [--seed S]``."""
+"""The elbo_jax command line: ``python -m elbo_jax demo [--out DIR] [--num-data N] [--seed S]``
+and ``python -m elbo_jax --version``."""
 
 import argparse
 import sys
@@ -20,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
             "on one free energy."
         ),
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"elbo_jax {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",

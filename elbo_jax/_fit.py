@@ -4,6 +4,7 @@ data, runs the solver's compiled loop, and reports: warnings, progress, ``FitRes
 import dataclasses
 import functools
 import math
+import textwrap
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +19,7 @@ from . import _data
 from ._amortized import Amortized
 from ._autostats import affine_split
 from ._custom_types import Array, Data, Key
+from ._errors import ConvergenceWarning
 from ._latent import Chain, Discrete, GaussianChain, Real
 from ._model import Model, float_dtype, has_complete_data_statistics
 from ._newton_step import NewtonMStep, warn_newton_failures
@@ -91,6 +93,19 @@ class FitResult(eqx.Module):
     def elbo(self) -> Array:
         """The final ELBO per datum (MAP: plus $\\log p(\\theta)/N$)."""
         return self.history[-1] if self.num_iters else self.initial_elbo
+
+    def __repr__(self) -> str:
+        from ._format import format_scalar
+
+        restarts = "" if self.restart_elbos is None else f", restarts={len(self.restart_elbos)}"
+        head = (
+            f"FitResult(status={self.status}, num_iters={self.num_iters}, "
+            f"elbo={format_scalar(self.elbo)}, initial_elbo={format_scalar(self.initial_elbo)}"
+            f"{restarts})"
+        )
+        q = type(self.q).__name__
+        model = textwrap.indent(repr(self.model), "  ").lstrip()
+        return f"{head}\n  model: {model}\n  q: {q}"
 
 
 def _unused_key() -> Key:
@@ -409,7 +424,10 @@ def fit(
       Dirichlet-multinomial mixture).
     - `prior`: ``prior(model) -> log p(θ)``, a scalar; ``None`` for maximum likelihood.
     - `max_iters`: at most this many iterations.
-    - `tol`: stop when $|F_t - F_{t-1}| <$ ``tol`` (per datum). ``tol=0`` runs ``max_iters``.
+    - `tol`: stop when $|F_t - F_{t-1}| <$ ``tol`` (per datum). A fit that reaches
+      ``max_iters`` first warns with ``ej.ConvergenceWarning`` (silence it with
+      ``warnings.filterwarnings("ignore", category=ej.ConvergenceWarning)``); ``tol=0``
+      runs exactly ``max_iters`` iterations, without the warning.
     - `key`: JAX random key, required for stochastic steps (Monte Carlo expectations);
       deterministic fits need none.
     - `frozen`: ``model -> parameter(s)`` to hold fixed, as ``eqx.tree_at``'s ``where``
@@ -625,6 +643,15 @@ def fit(
         if throw:
             raise RuntimeError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    if status == Status.MAX_ITERS and tol > 0:
+        warnings.warn(
+            f"fit stopped at max_iters ({num_iters} iterations) before the free energy per datum settled "
+            f"to within tol={tol:g}; raise max_iters or tol (the model returned is the last "
+            "iterate). Silence with warnings.filterwarnings('ignore', "
+            "category=elbo_jax.ConvergenceWarning)",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
     if num_increases:
         warnings.warn(
             f"exact EM raised the free energy beyond rounding in {num_increases} of {num_iters} "
@@ -914,4 +941,7 @@ def _fit_with_progress(solver, model, q, data, key, tol, max_iters: int, mesh):
             bar.set_postfix(elbo=f"{-float(loop.objective):.6g}")
             if now == done or now >= max_iters:
                 break
+        # A fit that stops early ends the bar there (at 100 %), not at now/max_iters.
+        bar.total = int(loop.iteration)
+        bar.refresh()
     return loop, history

@@ -66,6 +66,18 @@ class Model(eqx.Module):
     #: (``LinearGaussianSSM``); otherwise NaN in the data is an error.
     missing_values: ClassVar[bool] = False
 
+    #: The parameters that ``repr(model)`` shows with their values, in their natural
+    #: (constrained) form: names of properties or fields, e.g. ``("weights", "means",
+    #: "covariances")``. Empty (the default): equinox's repr, each field with its shape.
+    printed_parameters: ClassVar[tuple[str, ...]] = ()
+
+    def __repr__(self) -> str:
+        if not self.printed_parameters:
+            return eqx.tree_pformat(self)
+        from ._format import format_model
+
+        return format_model(self, self.printed_parameters)
+
     @abc.abstractmethod
     def log_joint(self, x: Any, z: Any) -> Scalar:
         r"""$\log p(x, z \mid \theta)$ for one datum ``x`` and one latent value ``z``."""

@@ -110,6 +110,8 @@ def prepare_data(model: Model, x: Any, check: Any = None) -> Any:
         from ._sequences import as_sequences, fill_padding
 
         x = fill_padding(as_sequences(x))
+    elif _is_nested_numbers(x):  # [[1.0, 2.0], [3.0, 4.0]]: one array, not a pytree of scalars
+        x = np.asarray(x)
     leaves, treedef = jax.tree_util.tree_flatten(x)
     if not leaves:
         raise ValueError("x is empty: expected an array whose leading axis indexes the data")
@@ -167,6 +169,14 @@ def prepare_data(model: Model, x: Any, check: Any = None) -> Any:
     x = jax.tree_util.tree_unflatten(treedef, out)
     (model.check_data if check is None else check)(x)
     return x
+
+
+def _is_nested_numbers(x: Any) -> bool:
+    """A (nested) list of Python or NumPy numbers, as NumPy would read it into one array."""
+    if not isinstance(x, list):
+        return False
+    leaves = jax.tree_util.tree_leaves(x)
+    return bool(leaves) and all(isinstance(leaf, (numbers.Number, np.generic)) for leaf in leaves)
 
 
 def shape_key(*trees: Any) -> Any:

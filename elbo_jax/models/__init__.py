@@ -24,3 +24,8 @@ from ._poisson_mixture import PoissonMixturePrior as PoissonMixturePrior
 from ._vae import MLP as MLP
 from ._vae import VAE as VAE
 from ._vae import GaussianEncoder as GaussianEncoder
+
+
+def __dir__() -> list[str]:
+    """The public names only (not the private modules that hold the code)."""
+    return sorted(name for name in globals() if not name.startswith("_"))

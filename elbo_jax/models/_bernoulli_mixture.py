@@ -11,7 +11,7 @@ closed form too.
 """
 
 import math
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import equinox as eqx
 import jax
@@ -152,6 +152,7 @@ class BernoulliMixture(AbstractMixture):
     ```
     """
 
+    printed_parameters: ClassVar[tuple[str, ...]] = ("weights", "probs")
     weight_logits: Float[Array, " K"]
     logits: Float[Array, "K D"]
     min_prob: float = eqx.field(static=True)

@@ -1,7 +1,7 @@
 r"""HMMs with count emissions: categorical symbols (``CategoricalHMM``) and Poisson counts
 (``PoissonHMM``), on the shared emission families (``_emissions``)."""
 
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import equinox as eqx
 import jax
@@ -62,6 +62,11 @@ class CategoricalHMM(HMM):
     ``ej.Sequences``.
     """
 
+    printed_parameters: ClassVar[tuple[str, ...]] = (
+        "initial_probs",
+        "transition_matrix",
+        "emission_probs",
+    )
     emission_logits: Float[Array, "K M"]
 
     def __init__(self, initial_probs: Any, transition_matrix: Any, emission_probs: Any):
@@ -184,6 +189,7 @@ class PoissonHMM(HMM):
     positive; `min_rate`. Data: counts ``(N, T, D)`` or ``ej.Sequences``.
     """
 
+    printed_parameters: ClassVar[tuple[str, ...]] = ("initial_probs", "transition_matrix", "rates")
     log_rates: Float[Array, "K D"]
     min_rate: float = eqx.field(static=True)
 

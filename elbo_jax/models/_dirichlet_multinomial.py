@@ -20,7 +20,7 @@ distribution", 2000/2012, for the Pólya case).
 """
 
 import math
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import equinox as eqx
 import jax
@@ -191,6 +191,7 @@ class DirichletMultinomialMixture(AbstractMixture):
     ```
     """
 
+    printed_parameters: ClassVar[tuple[str, ...]] = ("weights", "concentrations")
     weight_logits: Float[Array, " K"]
     log_concentrations: Float[Array, "K V"]
     min_concentration: float = eqx.field(static=True)

@@ -1,7 +1,7 @@
 r"""The Gaussian HMM: $x_t \mid z_t{=}k \sim \mathcal N(\mu_k, \Sigma_k)$, with the Gaussian
 mixture's emission maths (densities, float32-accurate shifted statistics, M-step, k-means++)."""
 
-from typing import Any, Literal, final
+from typing import Any, ClassVar, Literal, final
 
 import equinox as eqx
 import jax
@@ -55,6 +55,12 @@ class GaussianHMM(HMM):
     ```
     """
 
+    printed_parameters: ClassVar[tuple[str, ...]] = (
+        "initial_probs",
+        "transition_matrix",
+        "means",
+        "covariances",
+    )
     loc: Float[Array, "K D"]
     raw_precision_factor: Float[Array, "K D D"] | Float[Array, "K D"]
     covariance_type: Literal["full", "diag"] = eqx.field(static=True)

@@ -3,7 +3,7 @@ closed-form (maximum-likelihood or MAP) M-step, a conjugate prior and k-means++ 
 
 import functools
 import math
-from typing import Any, Literal, final
+from typing import Any, ClassVar, Literal, final
 
 import equinox as eqx
 import jax
@@ -290,6 +290,7 @@ class GaussianMixture(AbstractMixture):
     ```
     """
 
+    printed_parameters: ClassVar[tuple[str, ...]] = ("weights", "means", "covariances")
     weight_logits: Float[Array, " K"]
     loc: Float[Array, "K D"]
     raw_precision_factor: Float[Array, "K D D"] | Float[Array, "K D"]

@@ -18,7 +18,7 @@ factors where they are better) with $\lambda = \eta + \sum_d \sum_s n_{ds}
 """
 
 import math
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import equinox as eqx
 import jax
@@ -113,6 +113,7 @@ class LDA(Model):
     ```
     """
 
+    printed_parameters: ClassVar[tuple[str, ...]] = ("alpha", "eta", "topic_word")
     log_concentration: Float[Array, "K V"]
     log_alpha: Float[Array, " K"]
     log_eta: Float[Array, ""]

@@ -9,7 +9,7 @@ observation). NaN entries of $y$ are missing and skipped exactly.
 """
 
 import math
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import equinox as eqx
 import jax
@@ -183,6 +183,14 @@ class LinearGaussianSSM(Model):
     ```
     """
 
+    printed_parameters: ClassVar[tuple[str, ...]] = (
+        "initial_mean",
+        "initial_covariance",
+        "transition_matrix",
+        "transition_covariance",
+        "observation_matrix",
+        "observation_covariance",
+    )
     initial_mean: Float[Array, " S"]
     raw_initial_covariance: Float[Array, "S S"]
     transition_matrix: Float[Array, "S S"]

@@ -10,7 +10,7 @@ in ``_AbstractLinearGaussian``; the two final classes differ only in the noise.
 
 import abc
 import math
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import equinox as eqx
 import jax
@@ -201,6 +201,7 @@ class _AbstractLinearGaussian(Model):
     sums into the noise.
     """
 
+    printed_parameters: ClassVar[tuple[str, ...]] = ("weight", "mean", "noise_variance")
     weight: eqx.AbstractVar[Float[Array, "D L"]]
     mean: eqx.AbstractVar[Float[Array, " D"]]
     log_noise_variance: eqx.AbstractVar[Array]

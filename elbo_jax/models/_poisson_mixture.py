@@ -11,7 +11,7 @@ closed form too.
 """
 
 import math
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -148,6 +148,7 @@ class PoissonMixture(AbstractMixture):
     ```
     """
 
+    printed_parameters: ClassVar[tuple[str, ...]] = ("weights", "rates")
     weight_logits: Float[Array, " K"]
     log_rates: Float[Array, "K D"]
     min_rate: float = eqx.field(static=True)
