@@ -101,6 +101,14 @@ def test_categorical_hmm_equals_hmmlearn():
     _assert_close(res.model.transition_matrix, twin.transmat_)
     _assert_close(res.model.initial_probs, twin.startprob_)
     np.testing.assert_allclose(res.model.emission_probs, twin.emissionprob_, rtol=1e-6, atol=1e-12)
+    # the initializer traces, so restarts vmap it: restart r is the fit from initialize(keys[r])
+    init = lambda k: ej.models.CategoricalHMM.initialize(k, x, K)
+    best = ej.fit(init, x, restarts=2, key=jax.random.key(3), max_iters=2, tol=0)
+    keys = jax.random.split(jax.random.key(3), 2)
+    r = int(np.argmax(best.restart_elbos))
+    np.testing.assert_allclose(
+        best.model.emission_probs, ej.fit(init(keys[r]), x, max_iters=2, tol=0).model.emission_probs
+    )
 
 
 def test_poisson_hmm_equals_hmmlearn():

@@ -170,11 +170,11 @@ class CategoricalHMM(HMM):
         dtype = canonical_float_dtype(np.zeros((), float))
         m = int(frames.max()) + 1
         freq = np.bincount(frames, minlength=m) + 1.0
-        noise = np.asarray(jr.uniform(key, (k, m), minval=0.5, maxval=1.5))
-        emission = freq[None] * noise
-        emission /= emission.sum(1, keepdims=True)
+        # In JAX, so that a vmapped initializer (ej.fit(..., restarts=R)) can trace it.
+        noise = jr.uniform(key, (k, m), dtype, minval=0.5, maxval=1.5)
+        emission = jnp.asarray(freq, dtype)[None] * noise
         initial, transition = _uniform_chain(k, dtype)
-        return cls(initial, transition, jnp.asarray(emission, dtype))
+        return cls(initial, transition, emission / emission.sum(1, keepdims=True))
 
 
 @final
