@@ -68,17 +68,22 @@ __all__ = [
     "ClassNamePrefixFeaturesOutMixin",
     "ConvergenceWarning",
     "DensityMixin",
+    "EMOutcome",
     "TransformerMixin",
+    "check_int",
     "check_is_fitted",
     "check_non_negative",
+    "check_option",
     "check_random_state",
-    "EMOutcome",
+    "check_real",
     "compute_dtype",
     "em_like_sklearn",
+    "evaluate_rows",
     "key_from_random_state",
     "run_fit",
     "to_numpy",
     "validate",
+    "warn_not_converged",
 ]
 
 if tuple(int(p) for p in sklearn.__version__.split(".")[:2] if p.isdigit()) < (1, 6):
@@ -226,7 +231,7 @@ def em_like_sklearn(
     init: ej.Model | Callable[[jax.Array], ej.Model],
     x: Any,
     *,
-    key: jax.Array,
+    key: jax.Array | None,
     tol: float,
     max_iter: int,
     n_init: int | None,
@@ -242,61 +247,101 @@ def em_like_sklearn(
     after ``max_iter`` iterations, and report $\theta_t$, $T = t$ and $L_{T-1}$. ``ej.fit``
     counts an iteration as M-step then E-step, with the same per-datum test on $L_t - L_{t-1}$,
     so scikit-learn's run is ``ej.fit`` with ``max_iters = max_iter - 1`` (stopping at
-    $T-1$, whose ELBO is $L_{T-1}$) plus ONE more M-step. That is what this does, so
-    ``n_iter_``, ``lower_bound_`` and the parameters equal scikit-learn's from the same start.
-    ``max_iter=0`` returns the start itself (``lower_bound`` $-\infty$), as scikit-learn does.
-    A run that stops at ``max_iter`` warns with scikit-learn's ``ConvergenceWarning``.
+    $T-1$, whose ELBO is $L_{T-1}$) plus ONE more M-step, from the statistics of the fit's
+    last E-step. That is what this does, so ``n_iter_``, ``lower_bound_`` and the parameters
+    equal scikit-learn's from the same start. ``max_iter=0`` returns the start itself
+    (``lower_bound`` $-\infty$), as scikit-learn does. A run that stops at ``max_iter`` warns
+    with scikit-learn's ``ConvergenceWarning``.
 
-    ``previous_lower_bound`` (a warm start: ``init`` is the previously fitted model) stands
-    for $L_{-1}$, as in scikit-learn: the run stops after one iteration if $L_0$ is within
-    ``tol`` of it.
+    ``n_init`` starts run as ``ej.fit(..., restarts=n_init)``, one vmapped compiled call
+    (``None`` counts as 1: every fit is vmapped, so that one compiled program serves one
+    start, many, and the warm start). ``previous_lower_bound`` (a warm start: ``init`` is the
+    previously fitted model) stands for $L_{-1}$, as in scikit-learn: the run stops after
+    one iteration if $L_0$ is within ``tol`` of it.
 
     ``finish``: a module-level function ``model -> attributes`` (JAX arrays), computed in the
     same compiled call as the last M-step where possible (one program fewer to compile per
     data shape); its result is ``EMOutcome.extras``, as NumPy.
     """
     finish = _nothing if finish is None else finish
-    if previous_lower_bound is not None and max_iter >= 1 and isinstance(init, ej.Model):
-        lower_bound, model = _em_iteration(init, jnp.asarray(x))
-        lower_bound = float(lower_bound)
-        if abs(lower_bound - previous_lower_bound) < tol:
-            extras = to_numpy(_apply(finish, model))
-            return EMOutcome(model, lower_bound, np.array([lower_bound]), 1, True, None, extras)
-    if max_iter <= 1:
-        # No ej.fit: the start itself (max_iter=0), or one E-step and M-step from it. With
-        # n_init starts, scikit-learn keeps the best first E-step (max_iter=1).
-        starts = _starting_models(init, key, n_init)
-        if max_iter == 0:
-            extras = to_numpy(_apply(finish, starts[0]))
-            return EMOutcome(starts[0], -np.inf, np.zeros((0,)), 0, False, None, extras)
+    restarts = 1 if n_init is None else n_init
+    if key is None:  # a start given as a model: exact EM draws nothing from the key
+        key = jr.key(0)
+    if max_iter == 0:
+        start = _starting_models(init, key, restarts)[0]
+        extras = to_numpy(_apply(finish, start))
+        return EMOutcome(start, -np.inf, np.zeros((0,)), 0, False, None, extras)
+    if max_iter == 1 and restarts > 1:
+        # scikit-learn keeps the start with the best first E-step; ej.fit would rank the
+        # starts after their first iteration.
+        starts = _starting_models(init, key, restarts)
         bounds = [float(_em_iteration(m, jnp.asarray(x))[0]) for m in starts]
-        model = starts[int(np.argmax(bounds))]
-        converged, restart = False, None if n_init is None else np.asarray(bounds)
-        earlier, stats = np.zeros((0,)), None
-    else:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=ej.ConvergenceWarning)
-            result = ej.fit(init, x, key=key, tol=tol, max_iters=max_iter - 1, restarts=n_init)
-        model = result.model
-        converged = result.status == ej.Status.CONVERGED
-        restart = None if result.restart_elbos is None else np.asarray(result.restart_elbos)
-        # L_0 .. L_{T-1}: the start's and each iteration's ELBO (exact EM: the mean
-        # log-likelihood); the last is the E-step at the model the fit returns.
-        bounds = np.concatenate([[float(result.initial_elbo)], np.asarray(result.history)])
-        earlier, lower_bound = bounds[:-1], float(bounds[-1])
-        stats = _last_statistics(result)
-    if stats is not None:  # the fit's last E-step left its statistics: only the M-step
-        model, extras = _maximize(model, stats, finish)
-    else:
-        lower_bound, model = _em_iteration(model, jnp.asarray(x))
-        lower_bound, extras = float(lower_bound), _apply(finish, model)
+        best = int(np.argmax(bounds))
+        model = _em_iteration(starts[best], jnp.asarray(x))[1]
+        extras = _apply(finish, model)
+        return _outcome(
+            model, bounds[best : best + 1], False, np.asarray(bounds), extras, what, 1, tol
+        )
+    done: list[float] = []  # L_0 of the iteration already run (a warm start)
+    if previous_lower_bound is not None or max_iter == 1:
+        # ej.fit with one iteration: L_0 (its start), theta_1 and L_1 (its first iteration).
+        first = _fit_quietly(init, x, key=key, tol=0.0, max_iters=1, restarts=restarts)
+        bounds = [float(first.initial_elbo), float(first.history[-1])]
+        before = [-np.inf if previous_lower_bound is None else previous_lower_bound, bounds[0]]
+        for t in (1, 2):  # scikit-learn's tests in its iterations 1 and 2
+            converged = abs(bounds[t - 1] - before[t - 1]) < tol
+            if converged or max_iter == t:
+                if t == 1:
+                    model, extras = first.model, _apply(finish, first.model)
+                else:
+                    model, extras = _next_model(first, x, finish)
+                return _outcome(model, bounds[:t], converged, None, extras, what, max_iter, tol)
+        done, init, max_iter = bounds[:1], first.model, max_iter - 1
+    # The rest is a run from `init` whose first test is against -inf (scikit-learn's test
+    # against L_0 of a warm start was made above).
+    result = _fit_quietly(init, x, key=key, tol=tol, max_iters=max_iter - 1, restarts=restarts)
+    # L_0 .. L_{T-1}: the start's and each iteration's ELBO (exact EM: the mean
+    # log-likelihood); the last is the E-step at the model the fit returns.
+    bounds = np.concatenate([done, [float(result.initial_elbo)], np.asarray(result.history)])
+    model, extras = _next_model(result, x, finish)
+    restart = None if n_init is None else np.asarray(result.restart_elbos)
+    converged = result.status == ej.Status.CONVERGED
+    return _outcome(model, bounds, converged, restart, extras, what, max_iter + len(done), tol)
+
+
+def _next_model(result: ej.FitResult, x: Any, finish: Callable) -> tuple[Any, Any]:
+    """The M-step after ``result.model`` and ``finish`` of its result: from the statistics of
+    the fit's last E-step where they are at hand (else from a new E-step)."""
+    stats = _last_statistics(result)
+    if stats is not None:
+        return _maximize(result.model, stats, finish)
+    model = _em_iteration(result.model, jnp.asarray(x))[1]
+    return model, _apply(finish, model)
+
+
+def _outcome(
+    model: Any,
+    bounds: Any,
+    converged: bool,
+    restart: Any,
+    extras: Any,
+    what: str,
+    max_iter: int,
+    tol: float,
+) -> EMOutcome:
     if not converged:
         warn_not_converged(what, max_iter, tol)
-    lower_bounds = np.append(earlier, lower_bound)
-    extras = to_numpy(extras)
+    bounds = np.asarray(bounds, np.float64)
     return EMOutcome(
-        model, lower_bound, lower_bounds, len(lower_bounds), converged, restart, extras
+        model, float(bounds[-1]), bounds, len(bounds), bool(converged), restart, to_numpy(extras)
     )
+
+
+def _fit_quietly(init: Any, x: Any, **kwargs: Any) -> ej.FitResult:
+    """``ej.fit`` without its ``ConvergenceWarning`` (the caller issues scikit-learn's)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ej.ConvergenceWarning)
+        return ej.fit(init, x, **kwargs)
 
 
 def _starting_models(init: Any, key: jax.Array, n_init: int | None) -> list:

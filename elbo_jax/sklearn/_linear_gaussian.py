@@ -6,7 +6,7 @@ $x = W z + \mu + \varepsilon$, $z \sim \mathcal N(0, I_L)$, $\varepsilon \sim \m
 """
 
 import abc
-from typing import Any
+from typing import Any, final
 
 import equinox as eqx
 import jax
@@ -142,6 +142,7 @@ def _loadings(x: np.ndarray, noise: np.ndarray, latent_dim: int) -> np.ndarray:
     return scale[:, None] * eigenvectors * np.sqrt(np.maximum(eigenvalues - 1, 0))[None, :]
 
 
+@final
 class FactorAnalysis(_AbstractLinearGaussian):
     r"""Factor analysis by exact EM on ``ej.models.FactorAnalysis``, with the API of
     ``sklearn.decomposition.FactorAnalysis``.
@@ -230,6 +231,7 @@ class FactorAnalysis(_AbstractLinearGaussian):
         )
 
 
+@final
 class PPCA(_AbstractLinearGaussian):
     r"""Probabilistic PCA (Tipping & Bishop, 1999) by exact EM on ``ej.models.PPCA``.
 

@@ -10,7 +10,7 @@ parameters equal scikit-learn's.
 import abc
 import functools
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, final
 
 import equinox as eqx
 import jax
@@ -265,7 +265,8 @@ class _AbstractMixture(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
     # ------------------------------------------------------------------ evaluation
     def _evaluation_data(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "model_")
-        return self._data(X, reset=False)
+        # In the fitted model's dtype (the one the fit computed in).
+        return self._data(X, reset=False).astype(self.model_.weight_logits.dtype, copy=False)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """The responsibilities $p(z{=}k \\mid x_n)$, ``(n_samples, n_components)``."""
@@ -306,14 +307,9 @@ class _AbstractMixture(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
         x, z = self.model_.sample(key_from_random_state(self.random_state), n)
         return np.asarray(x), np.asarray(z)
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        # A fit draws its start from random_state; None (the default) differs per fit.
-        tags.non_deterministic = self.random_state is None
-        return tags
-
 
 # ----------------------------------------------------------------------------- Gaussian
+@final
 class GaussianMixture(_AbstractMixture):
     r"""A Gaussian mixture fitted by exact EM: ``sklearn.mixture.GaussianMixture``'s API on
     ``ej.models.GaussianMixture``.
@@ -527,6 +523,7 @@ class _AbstractCountMixture(_AbstractMixture):
         return k * d + k - 1
 
 
+@final
 class BernoulliMixture(_AbstractCountMixture):
     r"""A mixture of products of Bernoullis for binary data, fitted by exact EM, with the API
     of the scikit-learn mixtures (on ``ej.models.BernoulliMixture``).
@@ -605,6 +602,7 @@ class BernoulliMixture(_AbstractCountMixture):
         self.weights_, self.means_ = values
 
 
+@final
 class PoissonMixture(_AbstractCountMixture):
     r"""A mixture of products of Poissons for count data, fitted by exact EM, with the API of
     the scikit-learn mixtures (on ``ej.models.PoissonMixture``).
@@ -672,7 +670,7 @@ class PoissonMixture(_AbstractCountMixture):
         if not np.all(x == np.round(x)):
             raise ValueError(
                 "PoissonMixture needs counts: nonnegative whole numbers, got "
-                f"{x[x != np.round(x)][0]!r}"
+                f"{float(x[x != np.round(x)][0])}"
             )
         return x
 
