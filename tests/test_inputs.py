@@ -124,18 +124,18 @@ _X64_OFF = """
         r.model.predict(x); r.model.predict_proba(x); r.model.score(x); r.model.bic(x)
         covs = np.stack([np.eye(2)] * 2) if cov == "full" else np.ones((2, 2))
         ej.fit(GaussianMixture(np.array([0.5, 0.5]), np.array([[0., 0.], [5., 5.]]), covs, cov),
-               x, max_iters=3)
+               x, max_iters=3, tol=0)
     xb = (rng.random((100, 4)) < 0.3).astype(np.float64)
     b = BernoulliMixture.initialize(key, xb, 2, min_prob=np.float64(1e-6))
-    ej.fit(b, xb, max_iters=3, prior=BernoulliMixturePrior(a=np.float64(2.0))).model.predict(xb)
+    ej.fit(b, xb, max_iters=3, tol=0, prior=BernoulliMixturePrior(a=np.float64(2.0))).model.predict(xb)
     xp = rng.poisson(3.0, (100, 3)).astype(np.float64)
     p = PoissonMixture(np.array([0.5, 0.5]), np.full((2, 3), 2.0))
-    ej.fit(p, xp, max_iters=3, prior=PoissonMixturePrior(shape=np.float64(2.0))).model.predict(xp)
-    ej.fit(PoissonMixture.initialize(key, xp, 2), xp, max_iters=3)
+    ej.fit(p, xp, max_iters=3, tol=0, prior=PoissonMixturePrior(shape=np.float64(2.0))).model.predict(xp)
+    ej.fit(PoissonMixture.initialize(key, xp, 2), xp, max_iters=3, tol=0)
     xl = rng.normal(size=(100, 4))
     for cls in (PPCA, FactorAnalysis):
         m = cls.initialize(key, xl, 2, min_noise_variance=np.float64(1e-6))
-        ej.fit(m, xl, max_iters=3).model.transform(xl)
+        ej.fit(m, xl, max_iters=3, tol=0).model.transform(xl)
     PPCA(np.ones((4, 2)), np.zeros(4), np.float64(1.0))
 
     class User(ej.Model):
@@ -146,7 +146,7 @@ _X64_OFF = """
             return -0.5 * jnp.sum((x - jnp.take(self.mu, z, axis=0)) ** 2)
 
     user = User(np.array([[0., 0.], [5., 5.]]))
-    ej.fit(user, x, max_iters=3)
+    ej.fit(user, x, max_iters=3, tol=0)
     ej.log_evidence(user, x)
     print("done")
 """

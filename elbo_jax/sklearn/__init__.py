@@ -4,6 +4,12 @@ Importing this package imports scikit-learn (an ``ImportError`` says how to inst
 ``import elbo_jax`` never does.
 """
 
+# _base first: without scikit-learn, its ImportError says how to install it.
+from . import _base as _base
+from ._hmm import CategoricalHMM as CategoricalHMM
+from ._hmm import GaussianHMM as GaussianHMM
+from ._hmm import PoissonHMM as PoissonHMM
+from ._lda import LatentDirichletAllocation as LatentDirichletAllocation
 from ._linear_gaussian import PPCA as PPCA
 from ._linear_gaussian import FactorAnalysis as FactorAnalysis
 from ._mixtures import BernoulliMixture as BernoulliMixture
