@@ -183,14 +183,7 @@ class LinearGaussianSSM(Model):
     ```
     """
 
-    printed_parameters: ClassVar[tuple[str, ...]] = (
-        "initial_mean",
-        "initial_covariance",
-        "transition_matrix",
-        "transition_covariance",
-        "observation_matrix",
-        "observation_covariance",
-    )
+    printed_parameters: ClassVar[tuple[str, ...]] = PARAMETERS
     initial_mean: Float[Array, " S"]
     raw_initial_covariance: Float[Array, "S S"]
     transition_matrix: Float[Array, "S S"]
