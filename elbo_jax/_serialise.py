@@ -198,7 +198,13 @@ def save(path: str | os.PathLike, model: Model) -> None:
         "tree": tree,
         "arrays": specs,
     }
-    arrays[CONFIG_KEY] = np.frombuffer(json.dumps(config).encode("utf-8"), np.uint8)
+    _write(path, config, arrays)
+
+
+def _write(path: str | os.PathLike, config: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` and the JSON ``config`` (as the ``uint8`` entry ``CONFIG_KEY``) to the
+    ``.npz`` archive ``path``. Shared with ``elbo_jax.sklearn``'s estimator saves."""
+    arrays = {**arrays, CONFIG_KEY: np.frombuffer(json.dumps(config).encode("utf-8"), np.uint8)}
     # zipfile rather than np.savez: no ".npz" appended, no clash of array names with its kwargs.
     with zipfile.ZipFile(os.fspath(path), "w", zipfile.ZIP_STORED) as archive:
         for key, array in arrays.items():
@@ -220,7 +226,9 @@ def _read(path: str) -> dict[str, np.ndarray]:
             raise _FileError(f"not an elbo_jax save ({error})") from None
 
 
-def _parse_config(entries: dict[str, np.ndarray]) -> dict:
+def _parse_config(entries: dict[str, np.ndarray], expected: str = FORMAT) -> dict:
+    """The config of a file of the format ``expected`` (another is ``elbo_jax.sklearn``'s
+    estimator save, whose model tree is checked there), its version checked."""
     raw = entries.pop(CONFIG_KEY, None)
     if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
         raise _FileError(f"not an elbo_jax save (no uint8 entry {CONFIG_KEY!r})")
@@ -228,8 +236,8 @@ def _parse_config(entries: dict[str, np.ndarray]) -> dict:
         config = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _FileError(f"malformed config: {error}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise _FileError(f"not an elbo_jax save (its config has no format {FORMAT!r})")
+    if not isinstance(config, dict) or config.get("format") != expected:
+        raise _FileError(f"not an elbo_jax save (its config has no format {expected!r})")
     if config.get("elbo_jax_version") != _library_version():
         raise _FileError(
             f"saved by elbo_jax {config.get('elbo_jax_version')}, this is {_library_version()}; "
@@ -239,6 +247,8 @@ def _parse_config(entries: dict[str, np.ndarray]) -> dict:
         raise _FileError(
             f"format version {config.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
+    if expected != FORMAT:
+        return config
     tree, specs = config.get("tree"), config.get("arrays")
     if (
         not isinstance(tree, dict)

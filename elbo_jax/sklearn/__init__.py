@@ -2,10 +2,15 @@
 
 Importing this package imports scikit-learn (an ``ImportError`` says how to install it);
 ``import elbo_jax`` never does.
+
+A fitted estimator saves without pickle: ``estimator.save(path)`` writes one ``.npz`` (its
+class, ``get_params()``, fitted attributes and ``model_``), read back by
+``Estimator.load(path)`` or ``elbo_jax.sklearn.load(path)`` (any of this package's classes).
 """
 
 # _base first: without scikit-learn, its ImportError says how to install it.
 from . import _base as _base
+from ._base import load as load
 from ._hmm import CategoricalHMM as CategoricalHMM
 from ._hmm import GaussianHMM as GaussianHMM
 from ._hmm import PoissonHMM as PoissonHMM

@@ -64,6 +64,7 @@ import elbo_jax as ej
 from .._chain import chain_mode
 from .._validate import prepare_data
 from ._base import (
+    SaveLoadMixin,
     check_int,
     check_option,
     check_real,
@@ -210,7 +211,7 @@ def _quiet_fit(init: Any, x: Any, **kwargs: Any) -> ej.FitResult:
 
 
 # ----------------------------------------------------------------------------- base
-class _AbstractHMM(BaseEstimator, metaclass=abc.ABCMeta):
+class _AbstractHMM(SaveLoadMixin, BaseEstimator, metaclass=abc.ABCMeta):
     """What the HMM estimators share: ``fit`` by exact EM over ``X`` and ``lengths``, and
     hmmlearn's evaluation methods. Concrete classes give their ``__init__`` (scikit-learn
     reads the parameters from it), the parameter letters, the frames (``_frames``), the

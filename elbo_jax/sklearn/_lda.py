@@ -44,6 +44,7 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, valida
 import elbo_jax as ej
 
 from ._base import (
+    SaveLoadMixin,
     check_int,
     check_option,
     check_real,
@@ -117,7 +118,9 @@ def _online_step(model: Any, x: Any, weights: jax.Array, rho: jax.Array, scale: 
 
 # ----------------------------------------------------------------------------- estimator
 @final
-class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class LatentDirichletAllocation(
+    SaveLoadMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
+):
     r"""Latent Dirichlet allocation by variational Bayes, scikit-learn's
     ``LatentDirichletAllocation`` API on ``ej.models.LDA`` (see the module for the
     differences).

@@ -17,6 +17,7 @@ import elbo_jax as ej
 from ._base import (
     BaseEstimator,
     ClassNamePrefixFeaturesOutMixin,
+    SaveLoadMixin,
     TransformerMixin,
     check_int,
     check_is_fitted,
@@ -44,7 +45,11 @@ def _attributes(model: Any) -> tuple:
 
 
 class _AbstractLinearGaussian(
-    ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator, metaclass=abc.ABCMeta
+    SaveLoadMixin,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    BaseEstimator,
+    metaclass=abc.ABCMeta,
 ):
     """What ``FactorAnalysis`` and ``PPCA`` share: ``fit`` by ``ej.fit`` from a start near
     the optimum, and the evaluation methods."""

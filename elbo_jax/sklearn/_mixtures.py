@@ -23,6 +23,7 @@ import elbo_jax as ej
 from ._base import (
     BaseEstimator,
     DensityMixin,
+    SaveLoadMixin,
     check_int,
     check_is_fitted,
     check_non_negative,
@@ -149,7 +150,7 @@ def _initialize(key: jax.Array, x: jax.Array, cls: Any, k: int, options: tuple) 
 
 
 # ----------------------------------------------------------------------------- base
-class _AbstractMixture(DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
+class _AbstractMixture(SaveLoadMixin, DensityMixin, BaseEstimator, metaclass=abc.ABCMeta):
     """What the mixture estimators share: ``fit`` by exact EM, and the evaluation methods.
 
     Concrete classes give their ``__init__`` (scikit-learn reads the parameters from it), the
