@@ -10,7 +10,6 @@ class, ``get_params()``, fitted attributes and ``model_``), read back by
 
 # _base first: without scikit-learn, its ImportError says how to install it.
 from . import _base as _base
-from ._base import load as load
 from ._hmm import CategoricalHMM as CategoricalHMM
 from ._hmm import GaussianHMM as GaussianHMM
 from ._hmm import PoissonHMM as PoissonHMM
@@ -20,3 +19,4 @@ from ._linear_gaussian import FactorAnalysis as FactorAnalysis
 from ._mixtures import BernoulliMixture as BernoulliMixture
 from ._mixtures import GaussianMixture as GaussianMixture
 from ._mixtures import PoissonMixture as PoissonMixture
+from ._saving import load as load

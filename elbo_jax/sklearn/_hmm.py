@@ -64,7 +64,6 @@ import elbo_jax as ej
 from .._chain import chain_mode
 from .._validate import prepare_data
 from ._base import (
-    SaveLoadMixin,
     check_int,
     check_option,
     check_real,
@@ -73,6 +72,7 @@ from ._base import (
     validate,
     warn_not_converged,
 )
+from ._saving import SaveLoadMixin
 
 
 # ----------------------------------------------------------------------------- sequences

@@ -44,7 +44,6 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, valida
 import elbo_jax as ej
 
 from ._base import (
-    SaveLoadMixin,
     check_int,
     check_option,
     check_real,
@@ -52,6 +51,7 @@ from ._base import (
     key_from_random_state,
     run_fit,
 )
+from ._saving import SaveLoadMixin
 
 DocumentTerms = ej.models.DocumentTerms
 

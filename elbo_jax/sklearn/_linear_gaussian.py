@@ -17,7 +17,6 @@ import elbo_jax as ej
 from ._base import (
     BaseEstimator,
     ClassNamePrefixFeaturesOutMixin,
-    SaveLoadMixin,
     TransformerMixin,
     check_int,
     check_is_fitted,
@@ -28,6 +27,7 @@ from ._base import (
     to_numpy,
     validate,
 )
+from ._saving import SaveLoadMixin
 
 
 # Module-level row functions, so that evaluate_rows' compiled programs are shared.

@@ -23,7 +23,6 @@ import elbo_jax as ej
 from ._base import (
     BaseEstimator,
     DensityMixin,
-    SaveLoadMixin,
     check_int,
     check_is_fitted,
     check_non_negative,
@@ -34,6 +33,7 @@ from ._base import (
     key_from_random_state,
     validate,
 )
+from ._saving import SaveLoadMixin
 
 
 # ----------------------------------------------------------------------------- starts
