@@ -69,6 +69,7 @@ __all__ = [
     "ConvergenceWarning",
     "DensityMixin",
     "EMOutcome",
+    "bucket",
     "TransformerMixin",
     "check_int",
     "check_is_fitted",
@@ -79,6 +80,7 @@ __all__ = [
     "compute_dtype",
     "em_like_sklearn",
     "evaluate_rows",
+    "fit_quietly",
     "key_from_random_state",
     "run_fit",
     "to_numpy",
@@ -285,7 +287,7 @@ def em_like_sklearn(
     done: list[float] = []  # L_0 of the iteration already run (a warm start)
     if previous_lower_bound is not None or max_iter == 1:
         # ej.fit with one iteration: L_0 (its start), theta_1 and L_1 (its first iteration).
-        first = _fit_quietly(init, x, key=key, tol=0.0, max_iters=1, restarts=restarts)
+        first = fit_quietly(init, x, key=key, tol=0.0, max_iters=1, restarts=restarts)
         bounds = [float(first.initial_elbo), float(first.history[-1])]
         before = [-np.inf if previous_lower_bound is None else previous_lower_bound, bounds[0]]
         for t in (1, 2):  # scikit-learn's tests in its iterations 1 and 2
@@ -299,7 +301,7 @@ def em_like_sklearn(
         done, init, max_iter = bounds[:1], first.model, max_iter - 1
     # The rest is a run from `init` whose first test is against -inf (scikit-learn's test
     # against L_0 of a warm start was made above).
-    result = _fit_quietly(init, x, key=key, tol=tol, max_iters=max_iter - 1, restarts=restarts)
+    result = fit_quietly(init, x, key=key, tol=tol, max_iters=max_iter - 1, restarts=restarts)
     # L_0 .. L_{T-1}: the start's and each iteration's ELBO (exact EM: the mean
     # log-likelihood); the last is the E-step at the model the fit returns.
     bounds = np.concatenate([done, [float(result.initial_elbo)], np.asarray(result.history)])
@@ -337,7 +339,7 @@ def _outcome(
     )
 
 
-def _fit_quietly(init: Any, x: Any, **kwargs: Any) -> ej.FitResult:
+def fit_quietly(init: Any, x: Any, **kwargs: Any) -> ej.FitResult:
     """``ej.fit`` without its ``ConvergenceWarning`` (the caller issues scikit-learn's)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=ej.ConvergenceWarning)
@@ -354,11 +356,13 @@ def _starting_models(init: Any, key: jax.Array, n_init: int | None) -> list:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _bucket(n: int) -> int:
-    """``n`` rounded up to one of four sizes per power of two, at least 16 (under 1/4 padding)."""
-    if n <= 16:
-        return 16
-    step = 1 << (n.bit_length() - 3)
+def bucket(n: int, minimum: int = 16, sizes_per_octave: int = 4) -> int:
+    """``n`` rounded up to one of ``sizes_per_octave`` sizes per power of two (a power of two
+    itself; padding under 1/``sizes_per_octave``), at least ``minimum``: data of nearby sizes
+    share a compiled program."""
+    if n <= minimum:
+        return minimum
+    step = 1 << max(0, n.bit_length() - sizes_per_octave.bit_length())
     return -(-n // step) * step
 
 
@@ -374,7 +378,7 @@ def evaluate_rows(fn: Callable[[Any, jax.Array], Any], model: Any, x: np.ndarray
     and ``fn`` runs compiled, so predicting on data of a new length rarely compiles anew.
     ``fn`` must be a module-level function (compiled programs are cached per function)."""
     n = x.shape[0]
-    rows = _bucket(n)
+    rows = bucket(n)
     if rows != n:
         x = np.concatenate([x, np.broadcast_to(x[:1], (rows - n, *x.shape[1:]))])
     out = _on_rows(fn, model, jnp.asarray(x))

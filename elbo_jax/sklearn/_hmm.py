@@ -48,7 +48,6 @@ start and with the same priors, ``n_iter_`` and the parameters equal hmmlearn's.
 import abc
 import dataclasses
 import sys
-import warnings
 from typing import Any, ClassVar, final
 
 import equinox as eqx
@@ -64,10 +63,12 @@ import elbo_jax as ej
 from .._chain import chain_mode
 from .._validate import prepare_data
 from ._base import (
+    bucket,
     check_int,
     check_option,
     check_real,
     compute_dtype,
+    fit_quietly,
     key_from_random_state,
     validate,
     warn_not_converged,
@@ -76,15 +77,6 @@ from ._saving import SaveLoadMixin
 
 
 # ----------------------------------------------------------------------------- sequences
-def _bucket(n: int, minimum: int) -> int:
-    """``n`` rounded up to one of eight sizes per power of two (under 1/8 padding), at least
-    ``minimum``: data of nearby sizes share a compiled program."""
-    if n <= minimum:
-        return minimum
-    step = 1 << max(0, n.bit_length() - 4)
-    return -(-n // step) * step
-
-
 def _check_lengths(lengths: Any, n: int) -> np.ndarray:
     """``lengths`` as positive ints summing to ``n`` (``None``: one sequence of ``n``)."""
     if lengths is None:
@@ -108,7 +100,7 @@ def _to_sequences(frames: np.ndarray, lengths: np.ndarray, *, num_sequences: int
     """The concatenated ``frames`` ``(n_samples, ...)`` as ``ej.Sequences`` padded to a bucket
     of frames (padding repeats each sequence's last frame; it is never read), with copies of
     the first sequence appended up to ``num_sequences`` (for evaluation only)."""
-    t = _bucket(int(lengths.max()), 8)
+    t = bucket(int(lengths.max()), 8, 8)
     starts = np.cumsum(lengths) - lengths
     steps = np.minimum(np.arange(t)[None, :], lengths[:, None] - 1)
     padded = frames[starts[:, None] + steps]
@@ -179,7 +171,7 @@ def _em_like_hmmlearn(
     restarts = None if n_init == 1 else n_init
     first = None
     if n_iter > 1:
-        first = _quiet_fit(
+        first = fit_quietly(
             init,
             x,
             key=key,
@@ -188,9 +180,9 @@ def _em_like_hmmlearn(
             restarts=restarts,
             prior=prior,
         )
-        last = _quiet_fit(first.model, x, max_iters=1, tol=0.0, prior=prior)
+        last = fit_quietly(first.model, x, max_iters=1, tol=0.0, prior=prior)
     else:
-        last = _quiet_fit(init, x, key=key, max_iters=1, tol=0.0, restarts=restarts, prior=prior)
+        last = fit_quietly(init, x, key=key, max_iters=1, tol=0.0, restarts=restarts, prior=prior)
     if first is None:
         per_sequence = [float(last.initial_elbo), float(last.history[-1])]
         converged = False
@@ -201,13 +193,6 @@ def _em_like_hmmlearn(
     history = tuple(float(v) * num_sequences for v in per_sequence)
     monitor = ConvergenceMonitor(tol, n_iter, len(history) - 1, history, converged)
     return last.model, monitor
-
-
-def _quiet_fit(init: Any, x: Any, **kwargs: Any) -> ej.FitResult:
-    """``ej.fit`` without its ``ConvergenceWarning`` (the estimator issues scikit-learn's)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=ej.ConvergenceWarning)
-        return ej.fit(init, x, **kwargs)
 
 
 # ----------------------------------------------------------------------------- base
@@ -319,7 +304,7 @@ class _AbstractHMM(SaveLoadMixin, BaseEstimator, metaclass=abc.ABCMeta):
         check_is_fitted(self, "model_")
         frames = self._frames(X, reset=False)
         lengths = _check_lengths(lengths, frames.shape[0])
-        x = _to_sequences(frames, lengths, num_sequences=_bucket(len(lengths), 1))
+        x = _to_sequences(frames, lengths, num_sequences=bucket(len(lengths), 1, 8))
         return lengths, prepare_data(self.model_, x)
 
     def score_samples(self, X: Any, lengths: Any = None) -> tuple[float, np.ndarray]:

@@ -44,6 +44,7 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, valida
 import elbo_jax as ej
 
 from ._base import (
+    bucket,
     check_int,
     check_option,
     check_real,
@@ -57,14 +58,6 @@ DocumentTerms = ej.models.DocumentTerms
 
 
 # ----------------------------------------------------------------------------- data
-def _bucket(n: int) -> int:
-    """``n`` rounded up to one of eight sizes per power of two, at least 8."""
-    if n <= 8:
-        return 8
-    step = 1 << (n.bit_length() - 4)
-    return -(-n // step) * step
-
-
 def _pad_documents(x: Any, rows: int) -> Any:
     """``x`` (dense counts or ``DocumentTerms``) with empty documents appended up to
     ``rows``: an empty document contributes nothing to the statistics or the bound."""
@@ -80,7 +73,7 @@ def _document_terms(matrix: scipy.sparse.csr_matrix) -> DocumentTerms:
     (count-0 slots), so that matrices with nearby densities share a compiled program."""
     docs = DocumentTerms.from_matrix(matrix)
     ids, counts = np.asarray(docs.word_ids), np.asarray(docs.counts)
-    extra = _bucket(ids.shape[1]) - ids.shape[1]
+    extra = bucket(ids.shape[1], 8, 8) - ids.shape[1]
     pad = lambda a: np.concatenate([a, np.zeros((a.shape[0], extra), a.dtype)], axis=1)
     return DocumentTerms(pad(ids), pad(counts), docs.num_words)
 
@@ -305,7 +298,7 @@ class LatentDirichletAllocation(
         else:
             model = self.model_
         n, size = _num_documents(x), int(self.batch_size)
-        rows = _bucket(min(size, n))
+        rows = bucket(min(size, n), 8, 8)
         dtype = compute_dtype()
         for begin in range(0, n, size):
             batch = jax.tree_util.tree_map(lambda a, b=begin: a[b : b + size], x)
@@ -340,7 +333,7 @@ class LatentDirichletAllocation(
         """Each document's bound ``(N,)`` (local factors fitted from the fresh start) and the
         topics' term $-\\sum_k \\mathrm{KL}(q(\\beta_k) \\| p(\\beta_k))$."""
         n = _num_documents(x)
-        per_document, topics = _bounds(model, _pad_documents(x, _bucket(n)))
+        per_document, topics = _bounds(model, _pad_documents(x, bucket(n, 8, 8)))
         return np.asarray(per_document)[:n], float(topics)
 
     def _perplexity(self, model: Any, x: Any, scale: float = 1.0) -> float:
@@ -353,7 +346,7 @@ class LatentDirichletAllocation(
         (``normalize=False``: the Dirichlet parameters $\gamma_d$ themselves)."""
         x = self._evaluation_data(X, "LatentDirichletAllocation.transform")
         n = _num_documents(x)
-        gamma = np.asarray(_gamma(self.model_, _pad_documents(x, _bucket(n))))[:n]
+        gamma = np.asarray(_gamma(self.model_, _pad_documents(x, bucket(n, 8, 8))))[:n]
         return gamma / gamma.sum(axis=1, keepdims=True) if normalize else gamma
 
     def fit_transform(self, X: Any, y: Any = None, *, normalize: bool = True) -> np.ndarray:
