@@ -40,7 +40,8 @@ def sample_corpus(seed, n, *, alpha=ALPHA, beta=None, mean_length=60):
 
 def elbo_np(x, gamma, phi, lam, alpha, eta):
     """The LDA ELBO of Blei, Ng & Jordan (2003, appendix A.3) with the smoothed topic prior,
-    token by token: x (N, V) counts, phi (N, V, K) per word type (shared by its tokens)."""
+    word type by word type: x (N, V) counts (or real weights: the bound is linear in them),
+    phi (N, V, K) per word type (shared by its tokens)."""
     x, gamma, phi, lam = (np.asarray(a, np.float64) for a in (x, gamma, phi, lam))
     alpha = np.broadcast_to(np.asarray(alpha, np.float64), (lam.shape[0],))
     k, v = lam.shape
@@ -51,10 +52,10 @@ def elbo_np(x, gamma, phi, lam, alpha, eta):
         total += gammaln(alpha.sum()) - gammaln(alpha).sum() + ((alpha - 1) * elog_theta[d]).sum()
         total -= gammaln(gamma[d].sum()) - gammaln(gamma[d]).sum()
         total -= ((gamma[d] - 1) * elog_theta[d]).sum()
-        for w in np.repeat(np.arange(v), x[d].astype(int)):  # one term per token
+        for w in range(v):  # the x[d, w] tokens of word w share phi[d, w]; x may be real
             p = phi[d, w]
-            total += p @ elog_theta[d] + p @ elog_beta[:, w]
-            total -= np.sum(p[p > 0] * np.log(p[p > 0]))
+            token = p @ elog_theta[d] + p @ elog_beta[:, w] - np.sum(p[p > 0] * np.log(p[p > 0]))
+            total += x[d, w] * token
     total += k * (gammaln(v * eta) - v * gammaln(eta)) + (eta - 1) * elog_beta.sum()
     for kk in range(k):
         total -= gammaln(lam[kk].sum()) - gammaln(lam[kk]).sum()
@@ -125,6 +126,10 @@ def test_free_energy_equals_numpy_elbo(dtype):
     for data in (x, docs):
         got = ej.free_energy(model, LDAPosterior(jnp.asarray(gamma, dtype)), data)
         np.testing.assert_allclose(float(got), want_star, rtol=rtol)
+    # Real weights (tf-idf, say) in place of counts: the same bound, linear in them.
+    weights = (x * np.random.default_rng(2).uniform(0.1, 1.9, x.shape)).astype(dtype)
+    want_weighted = -elbo_np(weights, gamma, phi, lam, alpha, eta) / n
+    np.testing.assert_allclose(float(ej.free_energy(model, q, weights)), want_weighted, rtol=rtol)
 
 
 def test_float32_underflowing_products_fall_back_to_log_space():
@@ -419,11 +424,11 @@ def test_bad_input_errors():
     bad = x.astype(float)
     bad[1, 2] = -1
     with pytest.raises(
-        ValueError, match=r"x must hold nonnegative whole-number word counts.*x\[1, 2\] = -1"
+        ValueError, match=r"x must hold finite, nonnegative word counts.*x\[1, 2\] = -1"
     ):
         model.transform(bad)
-    bad[1, 2] = 0.5
-    with pytest.raises(ValueError, match=r"whole-number.*x\[1, 2\] = 0.5"):
+    bad[1, 2] = -0.5
+    with pytest.raises(ValueError, match=r"nonnegative word counts.*x\[1, 2\] = -0.5"):
         ej.fit(model, bad)
     with pytest.raises(
         ValueError, match=r"x has shape \(6, 5\), expected a document-term matrix \(N, V\) with V=8"
@@ -441,7 +446,9 @@ def test_bad_input_errors():
     ):
         ej.fit(model, out_of_range)
     negative = DocumentTerms(docs.word_ids, docs.counts.at[3, 1].set(-2), 8)
-    with pytest.raises(ValueError, match=r"x.counts must hold nonnegative.*x.counts\[3, 1\] = -2"):
+    with pytest.raises(
+        ValueError, match=r"x.counts must hold finite, nonnegative.*x.counts\[3, 1\] = -2"
+    ):
         model.transform(negative)
     with pytest.raises(
         ValueError, match=r"alpha has shape \(2,\), expected a number or \(K,\) = \(3,\)"

@@ -58,18 +58,17 @@ def _check_positive(name: str, value: Array) -> None:
 
 
 def _check_counts_entries(name: str, values: Any) -> None:
-    """Nonnegative whole numbers (finite), else a ``ValueError`` naming the first bad entry."""
+    """Finite and nonnegative, else a ``ValueError`` naming the first bad entry. Word counts
+    need not be whole numbers: the bound is linear in them, so real weights (tf-idf, say) fit
+    as counts would (scikit-learn's LDA accepts them too)."""
     if not is_concrete(values):
         return
     v = np.asarray(values)
-    if v.dtype.kind == "f":
-        ok = np.isfinite(v) & (v >= 0) & (v == np.round(v))
-    else:
-        ok = v >= 0
+    ok = (np.isfinite(v) & (v >= 0)) if v.dtype.kind == "f" else (v >= 0)
     if not np.all(ok):
         bad = tuple(int(i) for i in np.argwhere(~ok)[0])
         raise ValueError(
-            f"{name} must hold nonnegative whole-number word counts for LDA, got "
+            f"{name} must hold finite, nonnegative word counts (or weights) for LDA, got "
             f"{name}[{', '.join(map(str, bad))}] = {v[bad]}"
         )
 
@@ -79,8 +78,8 @@ class LDA(Model):
     r"""Latent Dirichlet allocation with $K$ topics over a vocabulary of $V$ words, fitted by
     mean-field variational EM (batch VB) or online VB.
 
-    **Data:** a document-term count matrix ``(N, V)`` (dense; any integer or float dtype that
-    holds whole numbers) or ``DocumentTerms`` (padded word ids and counts, for large
+    **Data:** a document-term count matrix ``(N, V)`` (dense; any integer or float dtype;
+    nonnegative real weights such as tf-idf are allowed, the bound being linear in them) or ``DocumentTerms`` (padded word ids and counts, for large
     vocabularies: ``DocumentTerms.from_matrix(dense_or_scipy_sparse)``). Both give the same
     numbers. A document with no words is allowed and contributes 0 to the ELBO.
 
@@ -274,7 +273,7 @@ class LDA(Model):
 
     def check_data(self, x: Data) -> None:
         """Raise ``ValueError`` unless ``x`` is an ``(N, V)`` count matrix with this model's $V$,
-        or ``DocumentTerms`` with ``num_words == V``, ids in ``[0, V)`` and whole counts."""
+        or ``DocumentTerms`` with ``num_words == V``, ids in ``[0, V)`` and nonnegative counts."""
         v = self.num_words
         if isinstance(x, DocumentTerms):
             ids, counts = x.word_ids, x.counts

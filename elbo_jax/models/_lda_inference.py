@@ -44,8 +44,8 @@ class DocumentTerms(eqx.Module):
     matrix, so that a large vocabulary needs no dense rows.
 
     - ``word_ids``: ``(N, L)`` integers in ``[0, num_words)``;
-    - ``counts``: ``(N, L)`` nonnegative whole numbers (any integer or float dtype); a padding
-      slot has count 0 (its word id is any valid id);
+    - ``counts``: ``(N, L)`` nonnegative counts or real weights (any integer or float
+      dtype); a padding slot has count 0 (its word id is any valid id);
     - ``num_words``: the vocabulary size $V$ (static).
 
     Both leaves have the document axis first, so elbo_jax chunks, pads and minibatches them

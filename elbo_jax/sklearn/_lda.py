@@ -7,8 +7,6 @@ scikit-learn's. The model's variational bound and perplexity are scikit-learn's 
 
 **Differences from scikit-learn:**
 
-- ``X`` must hold whole-number counts (``ej.models.LDA`` is a model of word counts);
-  fractional values (tf-idf weights, say) raise ``ValueError``.
 - Batch VB keeps, document by document, the previous local factors where they are better
   (``ej.models.LDAPosterior``: the bound never falls), where scikit-learn restarts every
   document from a random $\gamma$ each iteration; ``transform``, ``score`` and ``perplexity``
@@ -210,12 +208,6 @@ class LatentDirichletAllocation(
         input, in the compute dtype (``reset``: in ``fit``, records ``n_features_in_``)."""
         X = validate_data(self, X, reset=reset, accept_sparse="csr", dtype=[np.float64, np.float32])
         check_non_negative(X, whom)
-        values = X.data if scipy.sparse.issparse(X) else X
-        if not np.all(values == np.round(values)):
-            raise ValueError(
-                f"{whom} needs whole-number word counts: X holds fractional values "
-                "(ej.models.LDA is a model of counts)"
-            )
         dtype = compute_dtype()
         if scipy.sparse.issparse(X):
             return _document_terms(X.astype(dtype))
