@@ -207,6 +207,7 @@ def test_a_fit_longer_than_the_history_buffer_keeps_every_iteration():
     np.testing.assert_allclose(res.history[:50], short.history, rtol=1e-12)
 
 
+@pytest.mark.default_compiler
 @pytest.mark.parametrize("how", ["statistics", "adam"])
 def test_resuming_a_fit_is_identical_to_not_stopping(how):
     import optax

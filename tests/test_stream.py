@@ -109,6 +109,7 @@ def test_resuming_a_streamed_fit_equals_the_uninterrupted_fit_bit_for_bit(mixtur
     assert bool(jnp.all(resumed.history == whole.history))
 
 
+@pytest.mark.default_compiler
 def test_resuming_an_online_fit_in_memory_is_bit_identical(mixture):
     x, _, start = mixture
     rule = ej.InertiaMStep()
