@@ -2,6 +2,7 @@
 data checked by the evaluation functions as ``fit`` checks it, and float64 NumPy input with
 x64 off (no warning from inside elbo_jax)."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -154,6 +155,7 @@ _X64_OFF = """
 
 def test_float64_numpy_input_with_x64_off_does_not_warn():
     env = {"JAX_ENABLE_X64": "0", "JAX_PLATFORMS": "cpu", "PATH": ""}
+    env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")  # the test run's (conftest.py)
     out = subprocess.run(
         [sys.executable, "-W", "error", "-c", textwrap.dedent(_X64_OFF)],
         capture_output=True,

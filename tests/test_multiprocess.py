@@ -53,7 +53,9 @@ def _free_port() -> int:
 
 
 def _run_processes(code: str, nproc: int, out: str, timeout: float) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device per process
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").split()  # one device per process, the run's other flags
+    env["XLA_FLAGS"] = " ".join(f for f in flags if "host_platform_device_count" not in f)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env.update(
         JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
