@@ -11,12 +11,12 @@ import sys
 # Compiling dominates the test run (two thirds of it). The tests' arrays are small, so they
 # trade the speed of the generated CPU code for compile time: LLVM optimisation at level 0
 # and XLA's older (elemental) emitters for fusions, together 2-2.5x faster compiles of the
-# fit programs. XLA's HLO passes, and with them what is computed, are unchanged. The flags
+# fit programs. XLA's HLO passes are unchanged: the same operations in the same precision
+# (two programs may differ in the last bit where by default they agree exactly). The flags
 # are tried in a subprocess first (an XLA that does not know one aborts at start-up); the
 # test workers, subprocesses and notebook kernels inherit them, and a user's XLA_FLAGS come
-# after them and win. Tests marked ``default_compiler`` (bit-for-bit equalities between two
-# compiled programs, which hold as XLA compiles by default but not under these flags) run
-# again in a subprocess without them.
+# after them and win. Tests marked ``default_compiler`` (such bit-for-bit equalities) run in
+# a subprocess without them.
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 _DEFAULT_COMPILER = "ELBO_JAX_TESTS_DEFAULT_COMPILER"
 

@@ -79,9 +79,10 @@ class LDA(Model):
     mean-field variational EM (batch VB) or online VB.
 
     **Data:** a document-term count matrix ``(N, V)`` (dense; any integer or float dtype;
-    nonnegative real weights such as tf-idf are allowed, the bound being linear in them) or ``DocumentTerms`` (padded word ids and counts, for large
-    vocabularies: ``DocumentTerms.from_matrix(dense_or_scipy_sparse)``). Both give the same
-    numbers. A document with no words is allowed and contributes 0 to the ELBO.
+    nonnegative real weights such as tf-idf are allowed, the bound being linear in them) or
+    ``DocumentTerms`` (padded word ids and counts, for large vocabularies:
+    ``DocumentTerms.from_matrix(dense_or_scipy_sparse)``). Both give the same numbers. A
+    document with no words is allowed and contributes 0 to the ELBO.
 
     **Parameters** (stored unconstrained, so gradient steps work on them):
     ``log_concentration`` $= \log\lambda$ ``(K, V)``, ``log_alpha`` ``(K,)``, ``log_eta``
