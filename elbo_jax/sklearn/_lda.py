@@ -204,8 +204,9 @@ class LatentDirichletAllocation(
         check_int("verbose", self.verbose, 0)
 
     def _counts(self, X: Any, *, reset: bool, whom: str) -> Any:
-        """``X`` validated: dense ``(N, V)`` NumPy counts (or real weights), or ``DocumentTerms`` for sparse
-        input, in the compute dtype (``reset``: in ``fit``, records ``n_features_in_``)."""
+        """``X`` validated: dense ``(N, V)`` NumPy counts (or real weights), or
+        ``DocumentTerms`` for sparse input, in the compute dtype (``reset``: in ``fit``,
+        records ``n_features_in_``)."""
         X = validate_data(self, X, reset=reset, accept_sparse="csr", dtype=[np.float64, np.float32])
         check_non_negative(X, whom)
         dtype = compute_dtype()
